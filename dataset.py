@@ -1,0 +1,228 @@
+"""DepthEstimationUnreal reading: pairing by frame name, loading, caching, paired augmentation.
+
+Layouts accepted for `DepthDataset(data_dir, split)` / `find_pairs(data_dir, split)`:
+  DATA/rgb/<split>/<frame>.jpeg + DATA/depth/<split>/<frame>.npy   (the dataset root)
+  SPLIT/rgb/<frame>.jpeg + SPLIT/depth/<frame>.npy                 (a split folder given directly)
+  FOLDER/<frame>.jpeg or FOLDER/rgb/<frame>.jpeg, no depth          (images only, for prediction)
+Images may be .jpeg, .jpg or .png. Frames are paired by name and sorted numerically (9 before 10).
+Items are (rgb, depth): rgb float32 [3,H,W] in [0,1]; depth float32 [1,H,W] metres clipped to
+[0, 20] (an empty tensor for image-only folders).
+"""
+import os
+import re
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils import MAX_DEPTH, UserError
+
+IMAGE_EXTS = (".jpeg", ".jpg", ".png")
+DEPTH_EXT = ".npy"
+
+
+def frame_sort_key(name):
+    """Natural order: '9' < '10' < '10a' < 'b2'; numbers compare as numbers."""
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t.lower()) for t in re.split(r"(\d+)", name) if t != ""]
+
+
+def _files(folder, exts):
+    if not os.path.isdir(folder):
+        return {}
+    out = {}
+    for fname in os.listdir(folder):
+        stem, ext = os.path.splitext(fname)
+        if ext.lower() in exts and not fname.startswith("."):
+            if stem in out:
+                raise UserError(f"{folder}: two files for frame '{stem}' ({os.path.basename(out[stem])}, {fname})")
+            out[stem] = os.path.join(folder, fname)
+    return out
+
+
+def _layout(data_dir, split):
+    """(rgb folder, depth folder or None) for the layouts in the module docstring."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"{data_dir}: data folder not found")
+    candidates = [(os.path.join(data_dir, "rgb", split), os.path.join(data_dir, "depth", split))] if split else []
+    candidates.append((os.path.join(data_dir, "rgb"), os.path.join(data_dir, "depth")))
+    for rgb_dir, depth_dir in candidates:
+        if _files(rgb_dir, IMAGE_EXTS):
+            return rgb_dir, (depth_dir if os.path.isdir(depth_dir) else None)
+    if _files(data_dir, IMAGE_EXTS):
+        return data_dir, None
+    where = f"rgb/{split}/, " if split else ""
+    raise UserError(f"{data_dir}: no images found (looked for .jpeg/.jpg/.png in {where}rgb/ and the folder itself)")
+
+
+def find_pairs(data_dir, split=None):
+    """Sorted frame names, image paths and depth paths (None for an image-only folder)."""
+    rgb_dir, depth_dir = _layout(os.fspath(data_dir), split)
+    images = _files(rgb_dir, IMAGE_EXTS)
+    if depth_dir is None:
+        names = sorted(images, key=frame_sort_key)
+        return names, [images[n] for n in names], None
+    depths = _files(depth_dir, (DEPTH_EXT,))
+    no_depth = sorted(set(images) - set(depths), key=frame_sort_key)
+    no_image = sorted(set(depths) - set(images), key=frame_sort_key)
+    if no_depth or no_image:
+        parts = []
+        if no_depth:
+            parts.append(f"{len(no_depth)} image(s) without depth in {depth_dir} (e.g. {', '.join(no_depth[:3])})")
+        if no_image:
+            parts.append(f"{len(no_image)} depth map(s) without image in {rgb_dir} (e.g. {', '.join(no_image[:3])})")
+        raise UserError(f"{data_dir}: unpaired frames: " + "; ".join(parts))
+    names = sorted(images, key=frame_sort_key)
+    return names, [images[n] for n in names], [depths[n] for n in names]
+
+
+def load_rgb_uint8(path):
+    """HxWx3 uint8 array; grayscale and RGBA are converted to RGB. UserError naming the file if unreadable."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+
+
+def load_depth_m(path, hw=None):
+    """HxW float32 metres clipped to [0, 20]. UserError naming the file on a bad file, shape or value."""
+    try:
+        depth = np.load(path, allow_pickle=False)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: unreadable depth file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+    if not isinstance(depth, np.ndarray) or depth.dtype.kind != "f":
+        raise UserError(f"{path}: depth must be a float array of metres, got dtype {getattr(depth, 'dtype', type(depth).__name__)}")
+    if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
+        depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:-1])
+    if depth.ndim != 2:
+        raise UserError(f"{path}: depth must be a 2-D HxW map, got shape {depth.shape}")
+    if hw is not None and tuple(depth.shape) != tuple(hw):
+        raise UserError(f"{path}: depth map is {depth.shape[0]}x{depth.shape[1]} but its image is {hw[0]}x{hw[1]} (HxW)")
+    bad = ~np.isfinite(depth)
+    if bad.any():
+        raise UserError(f"{path}: depth has {int(bad.sum())} NaN/inf value(s)")
+    return np.clip(depth.astype(np.float32), 0.0, MAX_DEPTH)
+
+
+def resize_pair(rgb, depth, size):
+    """Resize a batch [B,3,H,W] of RGB (bilinear, antialiased) and [B,1,H,W] of depth (nearest) to size."""
+    size = tuple(size)
+    if tuple(rgb.shape[-2:]) != size:
+        rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    if depth is not None and depth.numel() and tuple(depth.shape[-2:]) != size:
+        depth = F.interpolate(depth, size=size, mode="nearest")
+    return rgb, depth
+
+
+def augment_batch(rgb, depth, flip=True, jitter=0.2, generator=None):
+    """Paired augmentation of a batch: horizontal flip of RGB and depth together; colour jitter on RGB.
+
+    rgb [B,3,H,W] float in [0,1], depth [B,1,H,W]; runs on whatever device the tensors are on.
+    jitter: brightness, contrast and saturation factors drawn from [1-j, 1+j] per image.
+    """
+    b, dev = rgb.shape[0], rgb.device
+    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
+    if flip:
+        flip_mask = (rand(b) < 0.5).view(b, 1, 1, 1)
+        rgb = torch.where(flip_mask, rgb.flip(-1), rgb)
+        if depth is not None and depth.numel():
+            depth = torch.where(flip_mask, depth.flip(-1), depth)
+    if jitter > 0:
+        factors = 1.0 + (rand(b, 3) * 2 - 1) * jitter  # brightness, contrast, saturation
+        brightness, contrast, saturation = (factors[:, i].view(b, 1, 1, 1) for i in range(3))
+        rgb = rgb * brightness
+        gray = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+        rgb = (rgb - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
+        gray = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+        rgb = ((rgb - gray) * saturation + gray).clamp(0, 1)
+    return rgb, depth
+
+
+class DepthDataset(Dataset):
+    """(rgb, depth) items of one split; see the module docstring for layouts and conventions.
+
+    cache=True decodes every frame once (uint8 RGB, float16 depth) so later epochs cost no decoding;
+    it also checks every file up front. skip_bad=True checks every file up front and drops the bad
+    ones, listing them in `.skipped` as (file, reason), instead of stopping at the first.
+    """
+    TRAIN, VAL, TEST = "train", "val", "test"
+
+    def __init__(self, data_dir, train=None, split=None, size=None, augment=False, cache=False,
+                 skip_bad=False, progress=False):
+        if split is None:
+            split = {True: self.TRAIN, False: self.VAL, None: None}.get(train, train)
+        self.data_dir, self.split, self.size, self.augment = os.fspath(data_dir), split, size, augment
+        self.names, self.rgb_paths, self.depth_paths = find_pairs(self.data_dir, split)
+        self.has_depth = self.depth_paths is not None
+        self.skipped, self.cache = [], None
+        if cache or skip_bad:
+            self._check_all(keep=cache, skip_bad=skip_bad, progress=progress)
+        if not self.names:
+            raise UserError(f"{self.data_dir}: no usable frames" + (f" ({len(self.skipped)} skipped as bad)" if self.skipped else ""))
+
+    def _check_all(self, keep, skip_bad, progress):
+        from tqdm import tqdm
+        names, rgb_paths, depth_paths, cache = [], [], [], []
+        items = range(len(self.names))
+        for i in tqdm(items, desc=f"reading {self.split or os.path.basename(self.data_dir)}", disable=not progress, leave=False):
+            try:
+                rgb_u8, depth_f = self._read(i)
+            except UserError as e:
+                if not skip_bad:
+                    raise
+                self.skipped.append((self.rgb_paths[i], str(e)))
+                continue
+            names.append(self.names[i])
+            rgb_paths.append(self.rgb_paths[i])
+            if self.has_depth:
+                depth_paths.append(self.depth_paths[i])
+            if keep:
+                cache.append((torch.from_numpy(rgb_u8).permute(2, 0, 1).contiguous(),
+                              torch.from_numpy(depth_f).to(torch.float16)[None] if depth_f is not None else None))
+        self.names, self.rgb_paths = names, rgb_paths
+        self.depth_paths = depth_paths if self.has_depth else None
+        self.cache = cache if keep else None
+
+    def _read(self, i):
+        rgb_u8 = load_rgb_uint8(self.rgb_paths[i])
+        depth_f = load_depth_m(self.depth_paths[i], rgb_u8.shape[:2]) if self.has_depth else None
+        return rgb_u8, depth_f
+
+    def __len__(self):
+        return len(self.names)
+
+    def load(self, i):
+        """(rgb float [3,H,W] in [0,1], depth float [1,H,W] or empty) at the native size, no augmentation."""
+        if self.cache is not None:
+            rgb_u8, depth_h = self.cache[i]
+            rgb = rgb_u8.float() / 255.0
+            depth = depth_h.float() if depth_h is not None else torch.empty(0)
+        else:
+            rgb_u8, depth_f = self._read(i)
+            rgb = torch.from_numpy(rgb_u8).permute(2, 0, 1).float() / 255.0
+            depth = torch.from_numpy(depth_f)[None] if depth_f is not None else torch.empty(0)
+        return rgb, depth
+
+    def __getitem__(self, i):
+        rgb, depth = self.load(i)
+        depth_b = depth[None] if depth.numel() else None
+        rgb_b = rgb[None]
+        if self.size is not None:
+            rgb_b, depth_b = resize_pair(rgb_b, depth_b, self.size)
+        if self.augment:
+            rgb_b, depth_b = augment_batch(rgb_b, depth_b)
+        return rgb_b[0], (depth_b[0] if depth_b is not None else torch.empty(0))
+
+    def stacked(self):
+        """All cached frames as two tensors (uint8 [N,3,H,W], float16 [N,1,H,W] or None); needs cache=True
+        and frames of one size. Lets the training loop index batches directly, with no per-item work."""
+        if self.cache is None:
+            raise ValueError("stacked() needs DepthDataset(..., cache=True)")
+        if len({tuple(r.shape) for r, _ in self.cache}) != 1:
+            raise ValueError("frames differ in size; they cannot be stacked")
+        rgb = torch.stack([r for r, _ in self.cache])
+        depth = torch.stack([d for _, d in self.cache]) if self.has_depth else None
+        return rgb, depth

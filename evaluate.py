@@ -1,0 +1,214 @@
+"""Evaluate a checkpoint on a folder: the grader harness.
+
+    python evaluate.py --data test/ --ckpt best.pth
+    python evaluate.py --data DepthEstimationUnreal --split val --ckpt best.pth --out metrics.json --save_dir preds/
+
+--data is a dataset root (uses rgb/<split> + depth/<split>, split 'test' by default), a split folder
+(rgb/ + depth/), or a folder of images with no depth (then it only predicts, with --save_dir).
+Predictions are made at the model's input size and resized back to the ground truth's size, so every
+metric is at native resolution. Checkpoints are loaded with torch.load(weights_only=True): a file
+that would run code when unpickled is refused.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import model as model_lib
+from dataset import DepthDataset
+from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, evaluate_batches, fast_path, is_state_dict,
+                   load_checkpoint, pick_device, summarize, visualize_img)
+
+MARKER = ".written_by_evaluate_py"
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data", required=True, help="dataset root, split folder, or folder of images")
+    a("--ckpt", required=True, help="checkpoint from main.py (or a bare state dict with --model)")
+    a("--split", default="test", help="split to use when --data is a dataset root")
+    a("--model", default=None, help="model name for a bare state dict (python main.py --list-models)")
+    a("--encoder", default=None, help="encoder name for a bare state dict")
+    a("--head", default="clip", choices=["clip", "sigmoid"], help="head for a bare state dict")
+    a("--batch_size", type=int, default=32)
+    a("--protocol", default="split", choices=["split", "course"],
+      help="split: over all pixels of the split (batch-size independent); course: mean over batches of per-batch RMSE/SSIM")
+    a("--tta", default="none", choices=["none", "flip"], help="flip: average with the horizontally flipped prediction")
+    a("--out", default=None, help="write the metrics as JSON here")
+    a("--save_dir", default=None, help="write per-image predictions, a per-image CSV and best/worst figures here")
+    a("--skip_bad", action="store_true", help="skip unreadable or inconsistent files and list them, instead of stopping")
+    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    a("--device", default=None)
+    return p
+
+
+def load_model(args, device):
+    """The model a checkpoint describes (or --model for a bare state dict), weights loaded, in eval mode."""
+    ckpt = load_checkpoint(args.ckpt, map_location="cpu")
+    if "state_dict" in ckpt and isinstance(ckpt.get("model"), dict) and "name" in ckpt["model"]:
+        config, state = dict(ckpt["model"]), ckpt["state_dict"]
+    else:
+        state = next((ckpt[k] for k in ("state_dict", "model_state_dict", "model") if is_state_dict(ckpt.get(k))), ckpt)
+        if not is_state_dict(state):
+            raise UserError(f"{args.ckpt}: not a depth checkpoint (no model description and no state dict of tensors)")
+        if not args.model:
+            raise UserError(f"{args.ckpt}: a bare state dict with no model description; pass --model NAME "
+                            f"(and --encoder/--head if not the defaults)")
+        config = {"name": args.model, "encoder": args.encoder, "head": args.head}
+    if not is_state_dict(state):
+        raise UserError(f"{args.ckpt}: its state_dict holds something other than tensors")
+    config.pop("pretrained", None)
+    config.pop("encoder_weights", None)
+    net = model_lib.build_model(**config)
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(x)} {what} (e.g. {', '.join(x[:3])})" for x, what in
+                 [(missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "shape mismatches")] if x]
+        raise UserError(f"{args.ckpt}: weights do not fit model '{config['name']}': " + "; ".join(parts))
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        print(f"warning: {args.ckpt}: {len(bad)} tensor(s) hold NaN/inf (e.g. {bad[0]}); predictions will be wrong",
+              file=sys.stderr)
+    return net.to(device).eval(), config
+
+
+def batches(ds, batch_size, progress):
+    """(rgb, depth, indices) batches in frame order; a batch is cut where the image size changes."""
+    from tqdm import tqdm
+    rgbs, depths, idx = [], [], []
+    for i in tqdm(range(len(ds)), desc="evaluating", disable=not progress, dynamic_ncols=True):
+        rgb, depth = ds.load(i)
+        if rgbs and (rgb.shape != rgbs[0].shape or len(rgbs) == batch_size):
+            yield torch.stack(rgbs), torch.stack(depths), idx
+            rgbs, depths, idx = [], [], []
+        rgbs.append(rgb); depths.append(depth); idx.append(i)
+    if rgbs:
+        yield torch.stack(rgbs), torch.stack(depths), idx
+
+
+def save_prediction(save_dir, name, pred_m):
+    """<name>.npy (float32 metres), <name>.png (16-bit millimetres), <name>_color.png (coloured)."""
+    from matplotlib import colormaps
+    from PIL import Image
+    pred = pred_m.astype(np.float32)
+    atomic_write(os.path.join(save_dir, f"{name}.npy"), lambda f: np.save(f, pred))
+    mm = Image.fromarray(np.round(pred * 1000).astype(np.uint16))
+    atomic_write(os.path.join(save_dir, f"{name}.png"), lambda f: mm.save(f, format="PNG"))
+    color = Image.fromarray((colormaps["magma_r"](pred / MAX_DEPTH)[..., :3] * 255).astype(np.uint8))
+    atomic_write(os.path.join(save_dir, f"{name}_color.png"), lambda f: color.save(f, format="PNG"))
+
+
+def check_outputs(args):
+    """Refuse to overwrite anything evaluate.py did not write itself."""
+    if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir) \
+            and not os.path.exists(os.path.join(args.save_dir, MARKER)):
+        raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; choose another")
+    if args.out and os.path.exists(args.out):
+        try:
+            with open(args.out) as f:
+                ours = json.load(f).get("written_by") == "evaluate.py"
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UserError(f"--out {args.out}: file exists and was not written by evaluate.py; choose another path")
+
+
+def run(args):
+    check_outputs(args)
+    device = pick_device(args.device)
+    amp_dtype, channels_last, why = fast_path(device, args.amp)
+    net, config = load_model(args, device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    ds = DepthDataset(args.data, split=args.split, skip_bad=args.skip_bad, progress=sys.stderr.isatty())
+    print(f"model {config['name']} from {args.ckpt} on {device} ({why}); {len(ds)} frames from {args.data}"
+          + (f"; tta {args.tta}" if args.tta != "none" else ""))
+    for path, reason in ds.skipped:
+        print(f"skipped: {reason}")
+    if args.save_dir:
+        os.makedirs(args.save_dir, exist_ok=True)
+        atomic_write(os.path.join(args.save_dir, MARKER), lambda f: f.write(b"evaluate.py output\n"))
+
+    per_image, per_batch = [], []
+
+    def on_batch(pred_m, depth_m, sums, idx):
+        if ds.has_depth:
+            per_batch.append(summarize({k: float(v.sum()) for k, v in sums.items()}))
+            for j, i in enumerate(idx):
+                per_image.append((i, summarize({k: float(v[j]) for k, v in sums.items()})))
+        if args.save_dir:
+            for j, i in enumerate(idx):
+                save_prediction(args.save_dir, ds.names[i], pred_m[j, 0].float().cpu().numpy())
+
+    total = {}
+    for rgb, depth_m, idx in batches(ds, args.batch_size, sys.stderr.isatty()):
+        if not ds.has_depth:  # image-only: predict at the image's own size
+            depth_m = torch.zeros(rgb.shape[0], 1, *rgb.shape[-2:])
+        add_sums(total, evaluate_batches(net, [(rgb, depth_m)], device, amp_dtype, channels_last, args.tta == "flip",
+                                         on_batch=lambda p, d, s: on_batch(p, d, s, idx)))
+    if not ds.has_depth:
+        print(f"{args.data}: images only (no depth maps): {len(ds)} predictions made, no metrics"
+              + (f"; written to {args.save_dir}" if args.save_dir else "; pass --save_dir to keep them"))
+        return 0
+
+    if args.protocol == "split":
+        metrics = summarize(total)
+        what = "split: over all pixels of all frames (batch-size independent)"
+    else:
+        metrics = {k: float(np.mean([b[k] for b in per_batch])) for k in METRIC_NAMES}
+        what = f"course: mean over {len(per_batch)} batches of {args.batch_size} of per-batch metrics"
+    print(f"protocol {what}")
+    print(f"{'metric':<10}{'value':>10}")
+    for k in METRIC_NAMES:
+        print(f"{k:<10}{metrics[k]:>10.4f}")
+    result = dict(metrics, protocol=args.protocol, frames=len(ds), tta=args.tta, ckpt=args.ckpt, data=args.data,
+                  skipped=[{"file": p, "reason": r} for p, r in ds.skipped], written_by="evaluate.py")
+    if args.out:
+        atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        print(f"wrote {args.out}")
+    if args.save_dir:
+        write_per_image(args.save_dir, ds, per_image, net, device, amp_dtype, args)
+        print(f"wrote predictions, per_image.csv and best/worst figures to {args.save_dir}")
+    return 0
+
+
+def write_per_image(save_dir, ds, per_image, net, device, amp_dtype, args):
+    from utils import predict_depth
+    text = io.StringIO()
+    w = csv.writer(text)
+    w.writerow(["frame"] + METRIC_NAMES)
+    for i, m in per_image:
+        w.writerow([ds.names[i]] + [f"{m[k]:.6f}" for k in METRIC_NAMES])
+    atomic_write(os.path.join(save_dir, "per_image.csv"), lambda f: f.write(text.getvalue().encode()))
+    ranked = sorted(per_image, key=lambda t: t[1]["rmse"])
+    picks = [("best", r) for r in ranked[:3]] + [("worst", r) for r in ranked[::-1][:3]]
+    with torch.inference_mode():
+        for tag, (i, m) in picks:
+            rgb, depth = ds.load(i)
+            pred = predict_depth(net, rgb[None].to(device), depth.shape[-2:], args.tta == "flip", amp_dtype)[0].cpu()
+            visualize_img(rgb, depth, pred, os.path.join(save_dir, f"{tag}_{ds.names[i]}.png"),
+                          title=f"{tag}: frame {ds.names[i]}, RMSE {m['rmse']:.3f} m, SSIM {m['ssim']:.3f}")
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,503 @@
+"""Train a monocular depth model. Hyperparameters are right below; every one is also a flag.
+
+    python main.py                                   # effnet_unet, pretrained; synthetic scenes if no dataset
+    python main.py --data_dir DepthEstimationUnreal  # the real data
+    python main.py --recipe convnext_report          # a report's whole configuration (flags override it)
+    python main.py --resume runs/effnet_unet/last.pth
+    torchrun --nproc_per_node 2 main.py ...          # several GPUs (or CPU processes on gloo)
+
+Every --evaluate_every epochs: RMSE/SSIM on train and val, a row in metrics.csv, curves.png,
+figures of fixed val images, last.pth and (on a new best val RMSE) best.pth in the run folder.
+"""
+import argparse
+import csv
+import math
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+import dataset as ds_lib
+import model as model_lib
+from losses import build_loss
+from utils import (UserError, atomic_write, evaluate_batches, fast_path, load_checkpoint, pick_device,
+                   plot_curves, save_checkpoint, seed_everything, summarize, visualize_img, autocast, predict_depth)
+
+# ------------------------------------------------------------------------------------------------
+# hyperparameters (defaults of the flags below)
+DATA_DIR = "./DepthEstimationUnreal"
+MODEL = "effnet_unet"          # python main.py --list-models
+HEAD = "clip"                  # unbounded output, clamped to [0, 20] at inference; or "sigmoid"
+LOSS = "mse+0.15*ssim+0.05*edge"
+OPTIMIZER = "adamw"
+LR = 1e-3                      # decoder (and every parameter when --encoder_lr is not set)
+ENCODER_LR = 3e-4              # pretrained encoder
+WEIGHT_DECAY = 1e-4
+SCHEDULER = "onecycle"         # per step; or cyclic (triangular2), cosine, none
+BATCH_SIZE = 16
+MAX_EPOCHS = 20               # (4 on the synthetic quick start)
+EVALUATE_EVERY = 2             # epochs
+VISUALIZE_EVERY = 500          # steps
+AUGMENT = "flip+jitter"        # none, flip, jitter, flip+jitter
+TRAIN_EVAL_FRAMES = 500        # train-split metrics on this many evenly spaced frames (0 = all)
+KEEP = 2                       # epoch checkpoints kept besides best.pth and last.pth
+SEED = 0
+
+RECIPES = {  # the two reports' configurations, as the reports give them
+    "convnext_report": dict(model="convnext_unet", encoder="convnext_base", loss="mse+0.15*ssim+0.05*edge",
+                            optimizer="adamw", encoder_lr=1e-4, lr=1e-3, weight_decay=1e-2, scheduler="onecycle",
+                            batch_size=64, max_epochs=80, augment="none"),
+    "resnet34_report": dict(model="resnet34", loss="rmse+ssim", optimizer="adam", lr=1e-3, encoder_lr=None,
+                            weight_decay=1e-5, scheduler="cyclic", batch_size=32, max_epochs=100, augment="none"),
+}
+SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data_dir", default=None, help=f"dataset root (default {DATA_DIR}; synthetic scenes when that is missing)")
+    a("--model", default=MODEL)
+    a("--encoder", default=None, help="timm encoder name for the U-Net models")
+    a("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="ImageNet encoder weights (--no-pretrained: from scratch)")
+    a("--encoder-weights", "--encoder_weights", dest="encoder_weights", default=None, help="local encoder state dict")
+    a("--head", default=HEAD, choices=["clip", "sigmoid"])
+    a("--loss", default=LOSS)
+    a("--optimizer", default=OPTIMIZER, choices=["adam", "adamw"])
+    a("--lr", type=float, default=LR)
+    a("--encoder_lr", type=float, default=ENCODER_LR, help="encoder learning rate (None: same as --lr)")
+    a("--weight_decay", type=float, default=WEIGHT_DECAY)
+    a("--scheduler", default=SCHEDULER, choices=["onecycle", "cyclic", "cosine", "none"])
+    a("--batch_size", type=int, default=BATCH_SIZE)
+    a("--max_epochs", type=int, default=None, help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes)")
+    a("--evaluate_every", type=int, default=EVALUATE_EVERY)
+    a("--visualize_every", type=int, default=VISUALIZE_EVERY)
+    a("--augment", default=AUGMENT, choices=["none", "flip", "jitter", "flip+jitter"])
+    a("--freeze", default="none", choices=["none", "stem", "encoder"], help="encoder parts kept frozen")
+    a("--train_eval_frames", type=int, default=TRAIN_EVAL_FRAMES)
+    a("--ckpt_dir", default="runs")
+    a("--ckpt_name", default=None, help="run folder name (default: the model name, never an existing run)")
+    a("--keep", type=int, default=KEEP)
+    a("--seed", type=int, default=SEED)
+    a("--resume", default=None, help="last.pth (or any checkpoint) of a run to continue exactly")
+    a("--stop_after_epochs", type=int, default=None, help="stop cleanly after this epoch (continue with --resume)")
+    a("--workers", type=int, default=0, help="DataLoader workers when the data is not cached")
+    a("--cache", default="auto", choices=["auto", "on", "off"], help="decode every frame once into RAM")
+    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
+    a("--channels_last", default="auto", choices=["auto", "on", "off"])
+    a("--compile", action="store_true")
+    a("--device", default=None)
+    a("--recipe", default=None, choices=sorted(RECIPES))
+    a("--list-models", "--list_models", dest="list_models", action="store_true")
+    return p
+
+
+def parse_args(argv):
+    parser = get_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.list_models:
+        return pre
+    if pre.resume:  # a resumed run continues with the arguments it was started with
+        saved = load_checkpoint(pre.resume).get("args")
+        if not isinstance(saved, dict):
+            raise UserError(f"{pre.resume}: no training arguments recorded; not a main.py checkpoint")
+        parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "stop_after_epochs", "list_models")})
+    elif pre.recipe:
+        parser.set_defaults(**RECIPES[pre.recipe])
+    args = parser.parse_args(argv)
+    if pre.recipe and not pre.resume:
+        explicit = {k for k in RECIPES[pre.recipe] if getattr(args, k) != RECIPES[pre.recipe][k]}
+        print(f"recipe {pre.recipe}: " + ", ".join(f"{k}={v}" for k, v in RECIPES[pre.recipe].items() if k not in explicit)
+              + (f" (overridden by flags: {', '.join(sorted(explicit))})" if explicit else ""))
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# data
+
+def resolve_data_dir(args, rank):
+    """The dataset folder; the synthetic scenes (made once) when none is given and ./DepthEstimationUnreal is absent."""
+    if args.data_dir is not None:
+        if not os.path.isdir(args.data_dir):
+            raise UserError(f"--data_dir {args.data_dir}: folder not found")
+        return args.data_dir, False
+    if os.path.isdir(DATA_DIR):
+        return DATA_DIR, False
+    import synthetic
+    folder = os.path.join("synthetic_cache", f"scenes-{SYNTHETIC['n_train']}-{SYNTHETIC['n_val']}-seed0")
+    if rank == 0:
+        print("=" * 88 + f"\nNo dataset: --data_dir not given and {DATA_DIR} does not exist.\n"
+              f"Training on built-in synthetic scenes ({SYNTHETIC['n_train']} train / {SYNTHETIC['n_val']} val frames, "
+              f"cached in {folder}).\nPass --data_dir PATH to train on DepthEstimationUnreal.\n" + "=" * 88)
+        if not os.path.exists(os.path.join(folder, "COMPLETE")):
+            synthetic.make_dataset(folder, n_train=SYNTHETIC["n_train"], n_val=SYNTHETIC["n_val"], seed=0)
+            atomic_write(os.path.join(folder, "COMPLETE"), lambda f: f.write(b"ok\n"))
+    if dist.is_initialized():
+        dist.barrier()
+    return folder, True
+
+
+def fits_in_ram(n_frames, hw=(144, 256)):
+    need = n_frames * hw[0] * hw[1] * 5  # uint8 RGB + float16 depth
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return need < 0.4 * total
+
+
+def epoch_order(n, seed, epoch, rank, world):
+    """This rank's sample indices for an epoch: a permutation fixed by (seed, epoch), sharded like DistributedSampler."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(n, generator=g)
+    per_rank = math.ceil(n / world)
+    order = torch.cat([order, order[: per_rank * world - n]])
+    return order[rank::world].tolist()
+
+
+def batches_of(train_set, stacked, indices, batch_size, device, workers):
+    """(rgb float [0,1], depth metres) batches on device, in the order of indices (last short batch dropped)."""
+    steps = len(indices) // batch_size
+    if stacked is not None:  # cached tensors: index them directly, no per-item work, no decoding
+        rgb_all, depth_all = stacked
+        for s in range(steps):
+            idx = torch.tensor(indices[s * batch_size:(s + 1) * batch_size])
+            rgb = rgb_all[idx].to(device, non_blocking=True).float().div_(255.0)
+            yield rgb, depth_all[idx].to(device, non_blocking=True).float()
+        return
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=indices, num_workers=workers,
+                                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
+    for rgb, depth in loader:
+        yield rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
+
+
+def eval_batches(split_set, indices, batch_size):
+    for s in range(0, len(indices), batch_size):
+        items = [split_set[i] for i in indices[s:s + batch_size]]
+        yield torch.stack([r for r, _ in items]), torch.stack([d for _, d in items])
+
+
+# ------------------------------------------------------------------------------------------------
+# optimisation
+
+def make_optimizer(args, model):
+    enc, dec = model_lib.param_groups(model)
+    enc_lr = args.lr if args.encoder_lr is None else args.encoder_lr
+    groups = [g for g in ({"params": enc, "lr": enc_lr, "name": "encoder"}, {"params": dec, "lr": args.lr, "name": "decoder"}) if g["params"]]
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(groups, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def make_scheduler(args, optimizer, steps_per_epoch):
+    total = max(1, steps_per_epoch * args.max_epochs)
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    if args.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total)
+    if args.scheduler == "cyclic":  # the ResNet-34 report: base 1e-3, max 5e-3, up 1000, down 2000 steps
+        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lrs, max_lr=[5 * lr for lr in lrs], step_size_up=1000,
+                                                 step_size_down=2000, mode="triangular2", cycle_momentum=False)
+    if args.scheduler == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return None
+
+
+def apply_freeze(model, what):
+    if what == "none":
+        return
+    stem = ("conv_stem", "bn1", "conv1", "stem", "stem_0", "stem_1")
+    for name, p in model.encoder.named_parameters():
+        if what == "encoder" or name.split(".")[0] in stem:
+            p.requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints
+
+def checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done):
+    import timm
+    import torchvision
+    return {
+        "model": dict(net.config), "input_size": list(net.input_size) if net.input_size else None,
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "epoch": epoch, "step": step, "epoch_done": epoch_done,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "best": best, "args": {k: v for k, v in vars(args).items()}, "history": history,
+        "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__), "torchvision": str(torchvision.__version__)},
+    }
+
+
+def new_run_dir(args):
+    name = args.ckpt_name or args.model
+    run_dir = os.path.join(args.ckpt_dir, name)
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        if args.ckpt_name:
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}/last.pth or choose another --ckpt_name")
+        k = 2
+        while os.path.isdir(f"{run_dir}-{k}") and os.listdir(f"{run_dir}-{k}"):
+            k += 1
+        run_dir = f"{run_dir}-{k}"
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------------
+
+def train(args):
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = pick_device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main_proc = rank == 0
+    log = print if main_proc else (lambda *a, **k: None)
+    seed_everything(args.seed)
+    amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
+    log(f"device {device} ({why}); autocast {amp_dtype or 'off'}, channels_last {channels_last}, {world} process(es)")
+
+    # data
+    data_dir, synthetic = resolve_data_dir(args, rank)
+    if args.max_epochs is None:
+        args.max_epochs = SYNTHETIC["max_epochs"] if synthetic else MAX_EPOCHS
+    n_train = len(ds_lib.find_pairs(data_dir, "train")[0])
+    cache = args.cache == "on" or (args.cache == "auto" and fits_in_ram(n_train))
+    train_set = ds_lib.DepthDataset(data_dir, split="train", cache=cache, progress=main_proc)
+    val_set = ds_lib.DepthDataset(data_dir, split="val", cache=cache, progress=main_proc)
+    if not train_set.has_depth or not val_set.has_depth:
+        raise UserError(f"{data_dir}: training needs depth maps for train and val (found images only)")
+    stacked = train_set.stacked() if cache else None
+    if stacked is not None and device.type == "cuda":
+        stacked = tuple(t.to(device) for t in stacked)  # the whole uint8 split lives on the GPU
+    steps_per_epoch = len(epoch_order(len(train_set), 0, 0, rank, world)) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{data_dir}: {len(train_set)} training frames are fewer than one batch per process ({args.batch_size})")
+    log(f"data {data_dir}: {len(train_set)} train / {len(val_set)} val frames, cache {'on' if cache else 'off'}, "
+        f"{steps_per_epoch} steps/epoch of batch {args.batch_size}")
+
+    # model, optimisation
+    ckpt = load_checkpoint(args.resume) if args.resume else None
+    if ckpt is not None:
+        net = model_lib.build_model(**ckpt["model"])
+        net.load_state_dict(ckpt["state_dict"])
+    else:
+        net = model_lib.build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
+                                    encoder_weights=args.encoder_weights, head=args.head)
+    apply_freeze(net, args.freeze)
+    net.to(device)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(args, net)
+    scheduler = make_scheduler(args, optimizer, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    loss_fn = build_loss(args.loss)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    step_fn_model = torch.compile(model) if args.compile else model
+    start_epoch, step, best, history = 0, 0, {"val_rmse": float("inf"), "epoch": None}, []
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt["scheduler"] is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best, history = ckpt["epoch_done"], ckpt["step"], ckpt["best"], ckpt["history"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+        log(f"resumed {args.resume}: {start_epoch} epoch(s) done, step {step}")
+    else:
+        run_dir = new_run_dir(args) if main_proc else None
+    if world > 1:
+        box = [run_dir]
+        dist.broadcast_object_list(box)
+        run_dir = box[0]
+    n_params = sum(p.numel() for p in net.parameters())
+    log(f"model {args.model} ({n_params / 1e6:.2f} M parameters, head {net.config.get('head')}), loss {loss_fn.spec}, "
+        f"{args.optimizer} lr {args.lr:g} (encoder {args.encoder_lr if args.encoder_lr is not None else args.lr:g}), "
+        f"scheduler {args.scheduler}, run folder {run_dir}")
+
+    # fixed evaluation sets: all of val (sharded over processes), evenly spaced train frames, 3 figure frames
+    val_idx = list(range(len(val_set)))[rank::world]
+    n_te = len(train_set) if args.train_eval_frames <= 0 else min(args.train_eval_frames, len(train_set))
+    train_eval_idx = sorted({round(i * (len(train_set) - 1) / max(1, n_te - 1)) for i in range(n_te)})[rank::world]
+    fig_idx = sorted({0, len(val_set) // 2, len(val_set) - 1})
+    eval_bs = max(args.batch_size, 16)
+
+    def split_metrics(split_set, idx):
+        total = evaluate_batches(net, eval_batches(split_set, idx, eval_bs), device, amp_dtype, channels_last)
+        if world > 1:
+            keys = sorted(total)
+            t = torch.tensor([total[k] for k in keys], dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            total = dict(zip(keys, t.tolist()))
+        return summarize(total)
+
+    def figures(tag):
+        if not main_proc:
+            return
+        was = net.training
+        net.eval()
+        with torch.inference_mode():
+            for i in fig_idx:
+                rgb, depth = val_set[i]
+                pred = predict_depth(net, rgb[None].to(device), depth.shape[-2:], amp_dtype=amp_dtype, channels_last=channels_last)
+                visualize_img(rgb, depth, pred[0].cpu(), os.path.join(run_dir, "figures", f"{tag}_val{val_set.names[i]}.png"),
+                              title=f"{args.model} {tag}, val frame {val_set.names[i]}")
+        net.train(was)
+
+    def save(path_names, epoch_done, epoch, in_epoch=None):
+        if not main_proc:
+            return
+        state = checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done)
+        state["in_epoch"] = in_epoch
+        for name in path_names:
+            try:
+                save_checkpoint(os.path.join(run_dir, name), state)
+            except OSError as e:
+                raise UserError(f"{os.path.join(run_dir, name)}: could not write checkpoint ({e}); the previous file is intact") from None
+
+    flip, jitter = "flip" in args.augment, 0.2 if "jitter" in args.augment else 0.0
+    stop = {"signal": None}  # Ctrl-C / SIGTERM: finish the current step, save last.pth, exit cleanly
+
+    def request_stop(signum, _frame):
+        if stop["signal"] is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        stop["signal"] = signal.Signals(signum).name
+    if main_proc or world == 1:
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+
+    from tqdm import tqdm
+    resume_in_epoch = ckpt.get("in_epoch") if ckpt is not None else None
+    model.train()
+    try:
+        for epoch in range(start_epoch, args.max_epochs):
+            torch.manual_seed(args.seed * 1000 + epoch)  # everything random in an epoch is fixed by (seed, epoch)
+            aug_gen = torch.Generator().manual_seed(args.seed * 7919 + epoch * 101 + rank)
+            indices = epoch_order(len(train_set), args.seed, epoch, rank, world)
+            skip, loss_sum, n_seen = 0, 0.0, 0
+            if resume_in_epoch:  # continue an epoch that a Ctrl-C cut short, exactly where it stopped
+                skip, loss_sum, n_seen = resume_in_epoch["steps"], resume_in_epoch["loss_sum"], resume_in_epoch["n_seen"]
+                aug_gen.set_state(resume_in_epoch["aug_rng"])
+                torch.set_rng_state(resume_in_epoch["torch_rng"])
+                resume_in_epoch = None
+            bar = tqdm(batches_of(train_set, stacked, indices[skip * args.batch_size:], args.batch_size, device, args.workers),
+                       total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.max_epochs}", disable=not main_proc,
+                       dynamic_ncols=True)
+            t0, n_timed, steps_done = time.time(), 0, skip
+            for rgb, depth_m in bar:
+                if args.augment != "none":
+                    rgb, depth_m = ds_lib.augment_batch(rgb, depth_m, flip=flip, jitter=jitter, generator=aug_gen)
+                if net.input_size:
+                    rgb = torch.nn.functional.interpolate(rgb, size=tuple(net.input_size), mode="bilinear", align_corners=False, antialias=True)
+                if channels_last:
+                    rgb = rgb.contiguous(memory_format=torch.channels_last)
+                with autocast(device, amp_dtype):
+                    pred_m = step_fn_model(rgb)
+                if pred_m.shape[-2:] != depth_m.shape[-2:]:
+                    pred_m = torch.nn.functional.interpolate(pred_m.float(), size=depth_m.shape[-2:], mode="bilinear", align_corners=False)
+                loss, _ = loss_fn(pred_m.float(), depth_m)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); stopping. "
+                                             f"The last good checkpoint is kept: {os.path.join(run_dir, 'last.pth')}")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if scheduler is not None:
+                    scheduler.step()
+                step, steps_done = step + 1, steps_done + 1
+                loss_sum, n_seen, n_timed = loss_sum + loss.item() * rgb.shape[0], n_seen + rgb.shape[0], n_timed + rgb.shape[0]
+                if main_proc and step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", img_s=f"{n_timed * world / (time.time() - t0):.1f}",
+                                    lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
+                if args.visualize_every and step % args.visualize_every == 0:
+                    figures(f"step{step:06d}")
+                if stop["signal"] is not None and steps_done < steps_per_epoch:
+                    bar.close()
+                    in_epoch = {"steps": steps_done, "loss_sum": loss_sum, "n_seen": n_seen,
+                                "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state()}
+                    save(["last.pth"], epoch, epoch + 1, in_epoch)
+                    log(f"\n{stop['signal']}: saved last.pth at step {step} (epoch {epoch + 1}, {steps_done}/{steps_per_epoch} steps); "
+                        f"continue with: python main.py --resume {os.path.join(run_dir, 'last.pth')}")
+                    return 130
+            bar.close()
+            train_loss = loss_sum / max(1, n_seen)
+            row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"],
+                   "images_per_s": n_timed * world / max(1e-9, time.time() - t0)}
+            history.append(row)
+            if (epoch + 1) % args.evaluate_every == 0 or epoch + 1 == args.max_epochs:
+                te = split_metrics(train_set, train_eval_idx)
+                va = split_metrics(val_set, val_idx)
+                row.update({"train_rmse": te["rmse"], "train_ssim": te["ssim"]}, **{f"val_{k}": v for k, v in va.items()})
+                is_best = va["rmse"] < best["val_rmse"]
+                if is_best:
+                    best = {"val_rmse": va["rmse"], "val_ssim": va["ssim"], "epoch": epoch + 1}
+                log(f"epoch {epoch + 1}: train loss {train_loss:.4f} | train RMSE {te['rmse']:.3f} SSIM {te['ssim']:.3f} "
+                    f"({n_te} frames) | val RMSE {va['rmse']:.3f} SSIM {va['ssim']:.3f} | {row['images_per_s']:.1f} img/s"
+                    + (" | new best val RMSE: best.pth" if is_best else f" | best val RMSE {best['val_rmse']:.3f} (epoch {best['epoch']})"))
+                if main_proc:
+                    write_metrics(run_dir, history)
+                    plot_curves([h for h in history if "val_rmse" in h], os.path.join(run_dir, "curves.png"))
+                    figures(f"epoch{epoch + 1:03d}")
+                save(["last.pth", f"epoch{epoch + 1:03d}.pth"] + (["best.pth"] if is_best else []), epoch + 1, epoch + 1)
+                if main_proc:
+                    prune_epoch_files(run_dir, args.keep)
+            else:
+                save(["last.pth"], epoch + 1, epoch + 1)
+            if stop["signal"] is not None or (args.stop_after_epochs is not None and args.stop_after_epochs <= epoch + 1 < args.max_epochs):
+                log(f"stopped after epoch {epoch + 1}; continue with: python main.py --resume {os.path.join(run_dir, 'last.pth')}")
+                return 130 if stop["signal"] else 0
+    except KeyboardInterrupt:
+        log("\ninterrupted twice: stopped at once; last.pth holds the last finished epoch")
+        return 130
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if main_proc and best["epoch"] is not None:
+        log(f"done: best val RMSE {best['val_rmse']:.4f} SSIM {best['val_ssim']:.4f} at epoch {best['epoch']} -> {run_dir}/best.pth")
+    return 0
+
+
+def write_metrics(run_dir, history):
+    keys = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+
+    def write(f):
+        import io
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
+        f.write(text.getvalue().encode())
+    atomic_write(os.path.join(run_dir, "metrics.csv"), write)
+
+
+def prune_epoch_files(run_dir, keep):
+    files = sorted(f for f in os.listdir(run_dir) if f.startswith("epoch") and f.endswith(".pth"))
+    for f in files[: max(0, len(files) - keep)]:
+        os.remove(os.path.join(run_dir, f))
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        if args.list_models:
+            print("\n".join(model_lib.list_models()))
+            return 0
+        try:
+            build_loss(args.loss)  # a malformed spec fails before any data is read
+        except ValueError as e:
+            raise UserError(f"--loss: {e}") from None
+        return train(args)
+    except (UserError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, FloatingPointError) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

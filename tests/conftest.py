@@ -1,0 +1,39 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def write_frame(root, split, name, rgb_u8, depth_m, ext=".jpeg"):
+    """Write one frame in the dataset layout (split=None: a split folder given directly)."""
+    rgb_dir = os.path.join(root, "rgb", split) if split else os.path.join(root, "rgb")
+    depth_dir = os.path.join(root, "depth", split) if split else os.path.join(root, "depth")
+    os.makedirs(rgb_dir, exist_ok=True)
+    Image.fromarray(rgb_u8).save(os.path.join(rgb_dir, name + ext), quality=95)
+    if depth_m is not None:
+        os.makedirs(depth_dir, exist_ok=True)
+        np.save(os.path.join(depth_dir, name + ".npy"), depth_m.astype(np.float32))
+
+
+@pytest.fixture
+def tiny_frames():
+    """A function making random frames (rgb uint8 HxWx3, depth float32 HxW with values past the clip)."""
+    def make(n, h=24, w=32, seed=0):
+        rng = np.random.default_rng(seed)
+        return [(rng.integers(0, 256, (h, w, 3), dtype=np.uint8),
+                 rng.uniform(0.5, 40.0, (h, w)).astype(np.float32)) for _ in range(n)]
+    return make
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic DepthEstimationUnreal tree made by the project's own generator."""
+    import synthetic
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.make_dataset(str(root), n_train=24, n_val=8, n_test=6, seed=0, progress=False)
+    return str(root)

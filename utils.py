@@ -1,0 +1,366 @@
+"""Shared pieces used by training, evaluation and tests alike.
+
+One SSIM (the course definition), one metrics function (accumulated over a whole split), the
+figure (`visualize_img`), seeding, device choice, atomic writes and the one checkpoint format.
+"""
+import math
+import os
+import random
+import tempfile
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MAX_DEPTH = 20.0  # metres; every depth map is clipped to [0, MAX_DEPTH]
+EPS_DEPTH = 1e-3  # metres; floor for the log and relative metrics
+CKPT_FORMAT = "depthkit-checkpoint-v1"
+
+
+class UserError(Exception):
+    """A problem the user can act on. Command-line tools print it as one line and exit with 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# SSIM: the course definition, exactly (11x11 Gaussian, sigma 1.5, zero padding, C1/C2 in metres)
+
+def gaussian_window(size=11, sigma=1.5, channels=1, device=None, dtype=torch.float32):
+    x = torch.arange(size, dtype=torch.float64) - size // 2
+    g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    window = (g[:, None] @ g[None, :]).to(device=device, dtype=dtype)
+    return window.expand(channels, 1, size, size).contiguous()
+
+
+def ssim_map(pred, gt, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
+    """Per-pixel SSIM of two [B, C, H, W] maps (metres), same shape as the inputs."""
+    if pred.shape != gt.shape or pred.dim() != 4:
+        raise ValueError(f"ssim needs two [B,C,H,W] tensors of one shape, got {tuple(pred.shape)} and {tuple(gt.shape)}")
+    channels = pred.shape[1]
+    w = gaussian_window(size, sigma, channels, pred.device, pred.dtype)
+    conv = lambda x: F.conv2d(x, w, padding=size // 2, groups=channels)
+    mu_p, mu_g = conv(pred), conv(gt)
+    var_p = conv(pred * pred) - mu_p ** 2
+    var_g = conv(gt * gt) - mu_g ** 2
+    cov = conv(pred * gt) - mu_p * mu_g
+    num = (2 * mu_p * mu_g + c1) * (2 * cov + c2)
+    den = (mu_p ** 2 + mu_g ** 2 + c1) * (var_p + var_g + c2)
+    return num / den
+
+
+def ssim(pred, gt):
+    """Mean SSIM over all pixels of all images (the course definition)."""
+    return ssim_map(pred, gt).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics: per-image sums that add up over a split, so nothing depends on the batch size
+
+METRIC_NAMES = ["rmse", "ssim", "mae", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3"]
+
+
+def metric_sums(pred_m, depth_m):
+    """Per-image sums for every metric, as float64 tensors of shape [B] (plus 'pixels').
+
+    pred_m, depth_m: [B, 1, H, W] metres, same size (resize predictions to the ground truth first).
+    Add the sums of any set of images and pass them to `summarize` to get that set's metrics.
+    """
+    if pred_m.shape != depth_m.shape:
+        raise ValueError(f"prediction {tuple(pred_m.shape)} and ground truth {tuple(depth_m.shape)} differ in shape")
+    p = pred_m.detach().double()
+    g = depth_m.detach().double()
+    err = p - g
+    pf, gf = p.clamp_min(EPS_DEPTH), g.clamp_min(EPS_DEPTH)
+    ratio = torch.maximum(pf / gf, gf / pf)
+    per_image = lambda x: x.flatten(1).sum(1)
+    return {
+        "pixels": torch.full((p.shape[0],), float(p[0].numel()), dtype=torch.float64, device=p.device),
+        "sq_err": per_image(err ** 2),
+        "abs_err": per_image(err.abs()),
+        "abs_rel": per_image(err.abs() / gf),
+        "sq_rel": per_image(err ** 2 / gf),
+        "sq_log": per_image((pf.log() - gf.log()) ** 2),
+        "log10": per_image((pf.log10() - gf.log10()).abs()),
+        "delta1": per_image((ratio < 1.25).double()),
+        "delta2": per_image((ratio < 1.25 ** 2).double()),
+        "delta3": per_image((ratio < 1.25 ** 3).double()),
+        "ssim": per_image(ssim_map(p, g)),
+    }
+
+
+def add_sums(total, sums):
+    """Add per-image sums (from `metric_sums`) into a running dict of float totals."""
+    for k, v in sums.items():
+        total[k] = total.get(k, 0.0) + float(v.sum()) if torch.is_tensor(v) else total.get(k, 0.0) + float(v)
+    return total
+
+
+def summarize(total):
+    """Metrics of the pixels summed into `total` (a dict from `add_sums`, or one image's sums)."""
+    n = float(total["pixels"])
+    if n == 0:
+        raise ValueError("no pixels to summarize")
+    return {
+        "rmse": math.sqrt(total["sq_err"] / n),
+        "ssim": total["ssim"] / n,
+        "mae": total["abs_err"] / n,
+        "abs_rel": total["abs_rel"] / n,
+        "sq_rel": total["sq_rel"] / n,
+        "rmse_log": math.sqrt(total["sq_log"] / n),
+        "log10": total["log10"] / n,
+        "delta1": total["delta1"] / n,
+        "delta2": total["delta2"] / n,
+        "delta3": total["delta3"] / n,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+def _to_numpy_image(x):
+    x = x.detach().float().cpu().numpy() if torch.is_tensor(x) else np.asarray(x, dtype=np.float32)
+    if x.ndim == 3 and x.shape[0] in (1, 3):
+        x = np.moveaxis(x, 0, -1)
+    if x.ndim == 3 and x.shape[-1] == 1:
+        x = x[..., 0]
+    return x
+
+
+def visualize_img(rgb, depth, pred, path, title=None):
+    """Save a PNG: input | ground truth | prediction | absolute error (depth on one 0-20 m scale).
+
+    rgb: [3,H,W] in [0,1] (or HxWx3); depth, pred: [1,H,W] or HxW metres (pred may be None).
+    Never opens a window or blocks: the figure is drawn with the Agg canvas and written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rgb_np = np.clip(_to_numpy_image(rgb), 0, 1)
+    panels = [("input", rgb_np, None)]
+    if depth is not None:
+        panels.append(("ground truth (m)", _to_numpy_image(depth), "depth"))
+    if pred is not None:
+        panels.append(("prediction (m)", _to_numpy_image(pred), "depth"))
+    if depth is not None and pred is not None:
+        err = np.abs(_to_numpy_image(pred) - _to_numpy_image(depth))
+        panels.append((f"|error| (m), RMSE {np.sqrt(np.mean(err ** 2)):.2f}", err, "error"))
+    fig = Figure(figsize=(4.2 * len(panels), 3.0), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (name, img, kind) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        if kind is None:
+            ax.imshow(img)
+        else:
+            cmap, vmax = ("magma_r", MAX_DEPTH) if kind == "depth" else ("inferno", 10.0)
+            im = ax.imshow(img, cmap=cmap, vmin=0.0, vmax=vmax)
+            fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeding, device, atomic writes
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name=None):
+    """'cuda' when a GPU is there, else 'cpu' (or the device named)."""
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def atomic_write(path, write_fn):
+    """Write a file through `write_fn(fileobj)` into a temp file beside it, fsync, then rename.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: one self-describing format, plain types and tensors only (weights_only=True loads it)
+
+def save_checkpoint(path, ckpt):
+    """Write a checkpoint dict atomically. It must hold 'format', 'model' (name + options) and 'state_dict'."""
+    for key in ("model", "state_dict"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint dict lacks '{key}'")
+    ckpt = dict(ckpt, format=CKPT_FORMAT)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint or a bare state dict safely (weights_only=True); UserError on anything else.
+
+    Returns the loaded dict. A dict of tensors (a bare state_dict) comes back as it is; the caller
+    decides whether it can use one.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: checkpoint file not found")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: checkpoint file is empty (0 bytes)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "Weights only load failed" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise UserError(f"{path}: refused: it holds Python objects other than tensors and plain types "
+                            f"(loading it could run code); only weights-only checkpoints are accepted") from None
+        if isinstance(e, (zipfile.BadZipFile, EOFError)) or "zip" in msg.lower() or "truncat" in msg.lower():
+            raise UserError(f"{path}: not a readable checkpoint (truncated or corrupt file: {msg})") from None
+        raise UserError(f"{path}: not a readable checkpoint ({msg})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def is_state_dict(obj):
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Speed choices and the one prediction path (used by training-time evaluation, evaluate.py, benchmark)
+
+def cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown CPU"
+
+
+def fast_path(device, amp="auto", channels_last="auto"):
+    """(autocast dtype or None, channels_last bool, reason) for this device, chosen by capability.
+
+    CUDA: bf16 where the GPU supports it, else fp16; channels_last on.
+    CPU: bf16 autocast only with AMX (measured 2x on Xeon AMX; on AVX2-only EPYC it made training 7x
+    slower); channels_last on (1.4x in fp32 on EPYC, also the fast layout for AMX).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        auto_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        why = f"CUDA {torch.cuda.get_device_name(device)}"
+    else:
+        flags = cpu_flags()
+        auto_dtype = torch.bfloat16 if "amx_bf16" in flags else None
+        why = f"{cpu_model_name()}, {torch.backends.cpu.get_cpu_capability()}, " + ("AMX bf16" if auto_dtype else "no AMX: fp32")
+    dtype = {"auto": auto_dtype, "none": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if device.type == "cpu" and dtype == torch.float16:
+        raise UserError("--amp fp16 is for CUDA; on a CPU use --amp bf16 or none")
+    cl = {"auto": True, "on": True, "off": False}[channels_last] if isinstance(channels_last, str) else bool(channels_last)
+    return dtype, cl, why
+
+
+def autocast(device, dtype):
+    import contextlib
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def predict_depth(model, rgb, out_hw=None, tta=False, amp_dtype=None, channels_last=False):
+    """Depth in metres [B,1,H,W] at out_hw (default: the input's size), clamped to [0, 20].
+
+    The input is resized to the model's fixed input size if it has one (`model.input_size`), and the
+    prediction is resized back, so metrics are always taken at the ground truth's resolution.
+    tta=True averages with the prediction of the horizontally flipped image. Call in eval mode.
+    """
+    out_hw = tuple(out_hw or rgb.shape[-2:])
+    net = getattr(model, "module", model)
+    in_hw = getattr(net, "input_size", None)
+    x = rgb if not in_hw or tuple(rgb.shape[-2:]) == tuple(in_hw) else \
+        F.interpolate(rgb, size=tuple(in_hw), mode="bilinear", align_corners=False, antialias=True)
+    if tta:
+        x = torch.cat([x, x.flip(-1)])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, amp_dtype):
+        pred = model(x).float()
+    if tta:
+        pred = 0.5 * (pred[: rgb.shape[0]] + pred[rgb.shape[0]:].flip(-1))
+    if tuple(pred.shape[-2:]) != out_hw:
+        pred = F.interpolate(pred, size=out_hw, mode="bilinear", align_corners=False)
+    return pred.clamp(0.0, MAX_DEPTH)
+
+
+def evaluate_batches(model, batches, device, amp_dtype=None, channels_last=False, tta=False, on_batch=None):
+    """Metric totals (see `add_sums`) of a model over (rgb, depth) batches, under inference_mode.
+
+    on_batch(pred_m, depth_m, sums) is called for each batch (per-image outputs, per-batch protocols).
+    """
+    was_training = model.training
+    model.eval()
+    total = {}
+    with torch.inference_mode():
+        for rgb, depth_m in batches:
+            rgb = rgb.to(device, non_blocking=True)
+            depth_m = depth_m.to(device, non_blocking=True)
+            pred_m = predict_depth(model, rgb, depth_m.shape[-2:], tta, amp_dtype, channels_last)
+            sums = metric_sums(pred_m, depth_m)
+            add_sums(total, sums)
+            if on_batch is not None:
+                on_batch(pred_m, depth_m, sums)
+    model.train(was_training)
+    return total
+
+
+def plot_curves(history, path):
+    """RMSE and SSIM (train and val) against epoch, saved as a PNG (never blocks)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    epochs = [h["epoch"] for h in history]
+    for i, metric in enumerate(["rmse", "ssim"]):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for split, style in [("train", "o--"), ("val", "o-")]:
+            ys = [h.get(f"{split}_{metric}") for h in history]
+            if any(y is not None for y in ys):
+                ax.plot(epochs, ys, style, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric.upper() + (" (m, lower is better)" if metric == "rmse" else " (higher is better)"))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
