@@ -144,7 +144,8 @@ def augment_batch(rgb, depth, flip=True, jitter=0.2, generator=None):
 class DepthDataset(Dataset):
     """(rgb, depth) items of one split; see the module docstring for layouts and conventions.
 
-    cache=True decodes every frame once (uint8 RGB, float16 depth) so later epochs cost no decoding;
+    cache=True decodes every frame once (uint8 RGB; float16 depth where lossless, else float32) so later
+    epochs cost no decoding;
     it also checks every file up front. skip_bad=True checks every file up front and drops the bad
     ones, listing them in `.skipped` as (file, reason), instead of stopping at the first.
     """
@@ -181,7 +182,11 @@ class DepthDataset(Dataset):
                 depth_paths.append(self.depth_paths[i])
             if keep:
                 cache.append((torch.from_numpy(rgb_u8).permute(2, 0, 1).contiguous(),
-                              torch.from_numpy(depth_f).to(torch.float16)[None] if depth_f is not None else None))
+                              torch.from_numpy(depth_f)[None] if depth_f is not None else None))
+        # depth is cached as float16 when that is lossless (the real data's values are float16 numbers),
+        # otherwise as float32, so cached and uncached reads always give the same metrics
+        if keep and self.has_depth and all(torch.equal(d.half().float(), d) for _, d in cache):
+            cache = [(r, d.half()) for r, d in cache]
         self.names, self.rgb_paths = names, rgb_paths
         self.depth_paths = depth_paths if self.has_depth else None
         self.cache = cache if keep else None
@@ -217,7 +222,7 @@ class DepthDataset(Dataset):
         return rgb_b[0], (depth_b[0] if depth_b is not None else torch.empty(0))
 
     def stacked(self):
-        """All cached frames as two tensors (uint8 [N,3,H,W], float16 [N,1,H,W] or None); needs cache=True
+        """All cached frames as two tensors (uint8 [N,3,H,W], depth [N,1,H,W] or None); needs cache=True
         and frames of one size. Lets the training loop index batches directly, with no per-item work."""
         if self.cache is None:
             raise ValueError("stacked() needs DepthDataset(..., cache=True)")

@@ -141,7 +141,7 @@ def resolve_data_dir(args, rank):
 
 
 def fits_in_ram(n_frames, hw=(144, 256)):
-    need = n_frames * hw[0] * hw[1] * 5  # uint8 RGB + float16 depth
+    need = n_frames * hw[0] * hw[1] * 7  # uint8 RGB + float32 depth (float16 where lossless)
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):

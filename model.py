@@ -74,6 +74,13 @@ class DepthModel(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # decoders: each is called as decoder(features, normalised_image) and ends in a 1-channel conv `out`
 
+def fp32_out(conv, x):
+    """The final 1-channel conv in float32 even under autocast: bf16 holds only 8 bits of mantissa
+    (steps of 0.125 m near 20 m), far coarser than the centimetres the course SSIM looks at."""
+    with torch.autocast(x.device.type, enabled=False):
+        return conv(x.float())
+
+
 class LastFeatureDecoder(nn.Module):
     """Upsampling layers on the deepest feature only (baseline, resnet34)."""
 
@@ -82,7 +89,7 @@ class LastFeatureDecoder(nn.Module):
         self.layers, self.out = layers, out
 
     def forward(self, features, image):
-        return self.out(self.layers(features[-1]))
+        return fp32_out(self.out, self.layers(features[-1]))
 
 
 def conv_bn(cin, cout, stride=1, relu=True):
@@ -140,7 +147,7 @@ class UNetDecoder(nn.Module):
         for block, skip in zip(self.blocks, (skips + list(features[:-1]))[::-1]):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], 1))
-        return self.out(x)
+        return fp32_out(self.out, x)
 
 
 # ------------------------------------------------------------------------------------------------

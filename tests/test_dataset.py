@@ -134,3 +134,11 @@ def test_resize_pair_keeps_depth_values():
     rgb, d = resize_pair(torch.rand(1, 3, 2, 2), depth, (4, 6))
     assert rgb.shape == (1, 3, 4, 6) and d.shape == (1, 1, 4, 6)
     assert set(d.unique().tolist()) == {1.0, 2.0, 3.0, 20.0}  # nearest: no invented depths
+
+
+def test_cache_keeps_float32_where_float16_would_round(tmp_path, tiny_frames):
+    for i, (rgb, depth) in enumerate(tiny_frames(2)):
+        write_frame(str(tmp_path), "train", str(i), rgb, depth)  # uniform floats: not float16 numbers
+    plain, cached = DepthDataset(str(tmp_path), split="train"), DepthDataset(str(tmp_path), split="train", cache=True)
+    assert cached.stacked()[1].dtype == torch.float32
+    assert all(torch.equal(plain[i][1], cached[i][1]) for i in range(2))

@@ -1,0 +1,182 @@
+"""evaluate.py: numbers that mean what they say, both protocols, safe checkpoint loading, clear errors."""
+import json
+import math
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import model as model_lib
+from dataset import load_depth_m
+from utils import save_checkpoint, ssim
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_eval(args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py")] + args, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ckpt_path(tmp_path_factory):
+    torch.manual_seed(0)
+    net = model_lib.build_model("unet_res", encoder="resnet18")
+    with torch.no_grad():
+        net.decoder.out.bias.fill_(8.0)  # random weights, but depth in a sensible range
+    path = str(tmp_path_factory.mktemp("ckpt") / "best.pth")
+    save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None})
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(ckpt_path, synthetic_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    assert evaluate.main(["--data", synthetic_root, "--ckpt", ckpt_path, "--batch_size", "4", "--amp", "none",
+                          "--out", str(out / "m.json"), "--save_dir", str(out / "preds")]) == 0
+    return out
+
+
+def gt_and_preds(synthetic_root, preds_dir):
+    names = sorted((f[:-4] for f in os.listdir(os.path.join(synthetic_root, "depth", "test"))), key=int)
+    gt = [load_depth_m(os.path.join(synthetic_root, "depth", "test", n + ".npy")) for n in names]
+    pred = [np.load(os.path.join(preds_dir, n + ".npy")) for n in names]
+    return names, gt, pred
+
+
+def test_metrics_equal_those_of_the_saved_predictions(first_run, synthetic_root):
+    m = json.load(open(first_run / "m.json"))
+    names, gt, pred = gt_and_preds(synthetic_root, first_run / "preds")
+    g, p = np.stack(gt).astype(np.float64), np.stack(pred).astype(np.float64)
+    assert m["frames"] == len(names) == 6 and m["protocol"] == "split"
+    assert m["rmse"] == pytest.approx(math.sqrt(((p - g) ** 2).mean()), abs=1e-6)
+    assert m["mae"] == pytest.approx(np.abs(p - g).mean(), abs=1e-6)
+    assert m["ssim"] == pytest.approx(ssim(torch.tensor(p)[:, None], torch.tensor(g)[:, None]).item(), abs=1e-6)
+    ratio = np.maximum(p / g, g / p)
+    assert m["delta1"] == pytest.approx((ratio < 1.25).mean(), abs=1e-9)
+    # the 16-bit PNG holds millimetres, the coloured PNG exists, the CSV has one row per frame
+    from PIL import Image
+    mm = np.array(Image.open(first_run / "preds" / f"{names[0]}.png"))
+    assert mm.dtype == np.uint16 and np.abs(mm / 1000.0 - pred[0]).max() <= 0.0005 + 1e-6
+    assert os.path.exists(first_run / "preds" / f"{names[0]}_color.png")
+    assert len(open(first_run / "preds" / "per_image.csv").read().strip().splitlines()) == 7
+    assert len([f for f in os.listdir(first_run / "preds") if f.startswith(("best_", "worst_"))]) == 6
+
+
+def test_two_runs_identical(first_run, ckpt_path, synthetic_root, tmp_path):
+    assert evaluate.main(["--data", synthetic_root, "--ckpt", ckpt_path, "--batch_size", "3", "--amp", "none",
+                          "--out", str(tmp_path / "m2.json")]) == 0
+    a, b = json.load(open(first_run / "m.json")), json.load(open(tmp_path / "m2.json"))
+    for k in ("rmse", "ssim", "mae", "abs_rel", "delta1"):
+        assert a[k] == pytest.approx(b[k], abs=1e-12)  # and batch size 3 vs 4 changes nothing
+
+
+def test_course_protocol_is_the_mean_over_batches(first_run, ckpt_path, synthetic_root, tmp_path):
+    assert evaluate.main(["--data", synthetic_root, "--ckpt", ckpt_path, "--batch_size", "4", "--amp", "none",
+                          "--protocol", "course", "--out", str(tmp_path / "c.json")]) == 0
+    c = json.load(open(tmp_path / "c.json"))
+    _, gt, pred = gt_and_preds(synthetic_root, first_run / "preds")
+    g, p = np.stack(gt).astype(np.float64), np.stack(pred).astype(np.float64)
+    batches = [slice(0, 4), slice(4, 6)]  # 6 frames at batch 4: the last batch is short
+    rmse = np.mean([math.sqrt(((p[s] - g[s]) ** 2).mean()) for s in batches])
+    ss = np.mean([ssim(torch.tensor(p[s])[:, None], torch.tensor(g[s])[:, None]).item() for s in batches])
+    assert c["protocol"] == "course" and c["rmse"] == pytest.approx(rmse, abs=1e-6) and c["ssim"] == pytest.approx(ss, abs=1e-6)
+    split = json.load(open(first_run / "m.json"))
+    assert abs(c["rmse"] - split["rmse"]) > 1e-6  # the two protocols really differ here
+
+
+def test_checkpoint_saved_for_another_device_loads_on_cpu(ckpt_path, synthetic_root, tmp_path, monkeypatch):
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    with monkeypatch.context() as m:  # record every tensor as living on cuda:0, as a GPU run would
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(ckpt, tmp_path / "gpu.pth")
+    assert b"cuda:0" in (tmp_path / "gpu.pth").read_bytes()
+    assert evaluate.main(["--data", synthetic_root, "--ckpt", str(tmp_path / "gpu.pth"), "--device", "cpu",
+                          "--amp", "none", "--out", str(tmp_path / "g.json")]) == 0
+
+
+def test_bare_state_dict_needs_model_name(ckpt_path, synthetic_root, tmp_path):
+    sd = torch.load(ckpt_path, weights_only=True)["state_dict"]
+    torch.save(sd, tmp_path / "bare.pth")
+    r = run_eval(["--data", synthetic_root, "--ckpt", str(tmp_path / "bare.pth")])
+    assert r.returncode == 2 and "--model" in r.stderr and r.stderr.strip().count("\n") == 0
+    assert evaluate.main(["--data", synthetic_root, "--ckpt", str(tmp_path / "bare.pth"), "--model", "unet_res",
+                          "--encoder", "resnet18", "--amp", "none"]) == 0
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(synthetic_root, tmp_path):
+    victim = tmp_path / "pwned.txt"
+    torch.save({"state_dict": _Exploit(str(victim))}, tmp_path / "evil.pth")
+    with open(tmp_path / "evil_plain.pkl", "wb") as f:
+        pickle.dump(_Exploit(str(victim)), f)
+    for name, expected in (("evil.pth", "refused"), ("evil_plain.pkl", "not a readable checkpoint")):
+        r = run_eval(["--data", synthetic_root, "--ckpt", str(tmp_path / name)])
+        assert r.returncode == 2 and expected in r.stderr, r.stderr
+        assert r.stderr.strip().count("\n") == 0
+    assert not victim.exists()
+
+
+def test_wrong_model_and_corrupt_checkpoints(ckpt_path, synthetic_root, tmp_path):
+    net = model_lib.build_model("resnet34")
+    save_checkpoint(tmp_path / "other.pth", {"model": {"name": "unet_res", "encoder": "resnet18", "head": "clip"},
+                                             "state_dict": net.state_dict()})
+    (tmp_path / "trunc.pth").write_bytes(open(ckpt_path, "rb").read()[:5000])
+    (tmp_path / "random.pth").write_bytes(os.urandom(4096))
+    cases = {"other.pth": "do not fit", "trunc.pth": "not a readable checkpoint", "random.pth": "not a readable checkpoint",
+             "missing.pth": "not found"}
+    for name, expected in cases.items():
+        r = run_eval(["--data", synthetic_root, "--ckpt", str(tmp_path / name)])
+        assert r.returncode == 2 and expected in r.stderr and str(tmp_path / name) in r.stderr, (name, r.stderr)
+        assert r.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("case,expected", [("corrupt_jpeg", "unreadable image"), ("bad_npy", "unreadable depth file"),
+                                           ("size", "but its image is"), ("nan", "NaN/inf")])
+def test_bad_inputs_one_line_each_and_skip_bad(ckpt_path, synthetic_root, tmp_path, case, expected):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(synthetic_root, "rgb", "test"), data / "rgb")
+    shutil.copytree(os.path.join(synthetic_root, "depth", "test"), data / "depth")
+    name = sorted(os.listdir(data / "rgb"))[0][:-5]
+    rgb, depth = data / "rgb" / f"{name}.jpeg", data / "depth" / f"{name}.npy"
+    if case == "corrupt_jpeg":
+        rgb.write_bytes(rgb.read_bytes()[:300])
+    elif case == "bad_npy":
+        depth.write_bytes(b"not a numpy file")
+    elif case == "size":
+        np.save(depth, np.ones((100, 100), np.float32))
+    elif case == "nan":
+        d = np.load(depth); d[0, 0] = np.inf; np.save(depth, d)
+    r = run_eval(["--data", str(data), "--ckpt", ckpt_path, "--amp", "none"])
+    assert r.returncode == 2 and expected in r.stderr and name in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    r = run_eval(["--data", str(data), "--ckpt", ckpt_path, "--amp", "none", "--skip_bad", "--out", str(tmp_path / "s.json")])
+    assert r.returncode == 0 and "skipped" in r.stdout
+    m = json.load(open(tmp_path / "s.json"))
+    assert m["frames"] == 5 and len(m["skipped"]) == 1 and name in m["skipped"][0]["file"]
+
+
+def test_image_only_folder_predicts_without_metrics(ckpt_path, synthetic_root, tmp_path):
+    shutil.copytree(os.path.join(synthetic_root, "rgb", "test"), tmp_path / "imgs")
+    r = run_eval(["--data", str(tmp_path / "imgs"), "--ckpt", ckpt_path, "--amp", "none", "--save_dir", str(tmp_path / "p")])
+    assert r.returncode == 0 and "no metrics" in r.stdout and "rmse" not in r.stdout
+    preds = sorted(f for f in os.listdir(tmp_path / "p") if f.endswith(".npy"))
+    assert len(preds) == 6 and np.load(tmp_path / "p" / preds[0]).shape == (144, 256)
+
+
+def test_never_overwrites_user_files(ckpt_path, synthetic_root, tmp_path):
+    (tmp_path / "mine.json").write_text("{\"my\": \"notes\"}")
+    r = run_eval(["--data", synthetic_root, "--ckpt", ckpt_path, "--out", str(tmp_path / "mine.json")])
+    assert r.returncode == 2 and "not written by evaluate.py" in r.stderr
+    assert (tmp_path / "mine.json").read_text() == "{\"my\": \"notes\"}"
