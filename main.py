@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import dataset as ds_lib
 import model as model_lib
@@ -213,6 +214,31 @@ def apply_freeze(model, what):
             p.requires_grad_(False)
 
 
+def train_step(model, input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler, amp_dtype, channels_last, augment=None):
+    """One optimisation step on a batch already on the device; returns the loss (a tensor, no host sync
+    beyond the finiteness check). augment: (flip, jitter, generator) or None."""
+    if augment is not None:
+        rgb, depth_m = ds_lib.augment_batch(rgb, depth_m, flip=augment[0], jitter=augment[1], generator=augment[2])
+    if input_size:
+        rgb = F.interpolate(rgb, size=tuple(input_size), mode="bilinear", align_corners=False, antialias=True)
+    if channels_last:
+        rgb = rgb.contiguous(memory_format=torch.channels_last)
+    with autocast(rgb.device, amp_dtype):
+        pred_m = model(rgb)
+    if pred_m.shape[-2:] != depth_m.shape[-2:]:
+        pred_m = F.interpolate(pred_m.float(), size=depth_m.shape[-2:], mode="bilinear", align_corners=False)
+    loss, _ = loss_fn(pred_m.float(), depth_m)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    if scheduler is not None:
+        scheduler.step()
+    return loss.detach()
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 
@@ -389,26 +415,12 @@ def train(args):
                        dynamic_ncols=True)
             t0, n_timed, steps_done = time.time(), 0, skip
             for rgb, depth_m in bar:
-                if args.augment != "none":
-                    rgb, depth_m = ds_lib.augment_batch(rgb, depth_m, flip=flip, jitter=jitter, generator=aug_gen)
-                if net.input_size:
-                    rgb = torch.nn.functional.interpolate(rgb, size=tuple(net.input_size), mode="bilinear", align_corners=False, antialias=True)
-                if channels_last:
-                    rgb = rgb.contiguous(memory_format=torch.channels_last)
-                with autocast(device, amp_dtype):
-                    pred_m = step_fn_model(rgb)
-                if pred_m.shape[-2:] != depth_m.shape[-2:]:
-                    pred_m = torch.nn.functional.interpolate(pred_m.float(), size=depth_m.shape[-2:], mode="bilinear", align_corners=False)
-                loss, _ = loss_fn(pred_m.float(), depth_m)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} (epoch {epoch + 1}); stopping. "
-                                             f"The last good checkpoint is kept: {os.path.join(run_dir, 'last.pth')}")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                if scheduler is not None:
-                    scheduler.step()
+                try:
+                    loss = train_step(step_fn_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler,
+                                      amp_dtype, channels_last, augment=(flip, jitter, aug_gen) if args.augment != "none" else None)
+                except FloatingPointError as e:
+                    raise FloatingPointError(f"{e} at step {step + 1} (epoch {epoch + 1}); stopping. "
+                                             f"The last good checkpoint is kept: {os.path.join(run_dir, 'last.pth')}") from None
                 step, steps_done = step + 1, steps_done + 1
                 loss_sum, n_seen, n_timed = loss_sum + loss.item() * rgb.shape[0], n_seen + rgb.shape[0], n_timed + rgb.shape[0]
                 if main_proc and step % 10 == 0:
