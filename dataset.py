@@ -77,18 +77,31 @@ def find_pairs(data_dir, split=None):
     return names, [images[n] for n in names], [depths[n] for n in names]
 
 
+def _nonempty(path):
+    """UserError for a 0-byte file (an interrupted copy), which the decoders report obscurely."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise UserError(f"{path}: empty file (0 bytes)")
+
+
 def load_rgb_uint8(path):
-    """HxWx3 uint8 array; grayscale and RGBA are converted to RGB. UserError naming the file if unreadable."""
+    """HxWx3 uint8 array; grayscale, palette, CMYK and RGBA are converted to RGB. UserError naming the file if
+    unreadable, or if it is a 16/32-bit or float single-channel image (a depth PNG?), which would clip to white."""
+    _nonempty(path)
     try:
         with Image.open(path) as img:
             img.load()
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            mode = img.mode
+            rgb = None if mode.startswith(("I", "F")) else np.array(img.convert("RGB"), dtype=np.uint8)
     except Exception as e:  # noqa: BLE001
         raise UserError(f"{path}: unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+    if rgb is None:
+        raise UserError(f"{path}: a {mode} image (16/32-bit or float, single channel; a depth map?), not an 8-bit RGB image")
+    return rgb
 
 
 def load_depth_m(path, hw=None):
     """HxW float32 metres clipped to [0, 20]. UserError naming the file on a bad file, shape or value."""
+    _nonempty(path)
     try:
         depth = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001

@@ -8,21 +8,24 @@
 Predictions are made at the model's input size and resized back to the ground truth's size, so every
 metric is at native resolution. Checkpoints are loaded with torch.load(weights_only=True): a file
 that would run code when unpickled is refused.
+
+Exit status: 0 done; 2 a problem with the command, a file or the data (one line on stderr naming it);
+3 the metrics are not numbers (NaN/inf predictions, e.g. from NaN weights; a warning says why).
 """
 import argparse
 import csv
 import io
 import json
+import math
 import os
 import sys
 
 import numpy as np
 import torch
 
-import model as model_lib
 from dataset import DepthDataset
 from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, evaluate_batches, fast_path, is_state_dict,
-                   load_checkpoint, pick_device, summarize, visualize_img)
+                   load_checkpoint, model_from_checkpoint, pick_device, summarize, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
 
@@ -63,23 +66,7 @@ def load_model(args, device):
         config = {"name": args.model, "encoder": args.encoder, "head": args.head}
     if not is_state_dict(state):
         raise UserError(f"{args.ckpt}: its state_dict holds something other than tensors")
-    config.pop("pretrained", None)
-    config.pop("encoder_weights", None)
-    net = model_lib.build_model(**config)
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{len(x)} {what} (e.g. {', '.join(x[:3])})" for x, what in
-                 [(missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "shape mismatches")] if x]
-        raise UserError(f"{args.ckpt}: weights do not fit model '{config['name']}': " + "; ".join(parts))
-    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        print(f"warning: {args.ckpt}: {len(bad)} tensor(s) hold NaN/inf (e.g. {bad[0]}); predictions will be wrong",
-              file=sys.stderr)
+    net = model_from_checkpoint(config, state, args.ckpt)
     return net.to(device).eval(), config
 
 
@@ -103,7 +90,7 @@ def save_prediction(save_dir, name, pred_m):
     from PIL import Image
     pred = pred_m.astype(np.float32)
     atomic_write(os.path.join(save_dir, f"{name}.npy"), lambda f: np.save(f, pred))
-    mm = Image.fromarray(np.round(pred * 1000).astype(np.uint16))
+    mm = Image.fromarray(np.round(np.nan_to_num(pred, nan=0.0) * 1000).astype(np.uint16))  # NaN (NaN weights): 0, no data
     atomic_write(os.path.join(save_dir, f"{name}.png"), lambda f: mm.save(f, format="PNG"))
     color = Image.fromarray((colormaps["magma_r"](pred / MAX_DEPTH)[..., :3] * 255).astype(np.uint8))
     atomic_write(os.path.join(save_dir, f"{name}_color.png"), lambda f: color.save(f, format="PNG"))
@@ -129,6 +116,10 @@ def run(args):
     device = pick_device(args.device)
     amp_dtype, channels_last, why = fast_path(device, args.amp)
     net, config = load_model(args, device)
+    nonfinite = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if nonfinite:
+        print(f"warning: {args.ckpt}: {len(nonfinite)} tensor(s) hold NaN/inf (e.g. {nonfinite[0]}); predictions will be wrong",
+              file=sys.stderr)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     ds = DepthDataset(args.data, split=args.split, skip_bad=args.skip_bad, progress=sys.stderr.isatty())
@@ -172,7 +163,9 @@ def run(args):
     print(f"{'metric':<10}{'value':>10}")
     for k in METRIC_NAMES:
         print(f"{k:<10}{metrics[k]:>10.4f}")
-    result = dict(metrics, protocol=args.protocol, frames=len(ds), tta=args.tta, ckpt=args.ckpt, data=args.data,
+    finite = all(math.isfinite(metrics[k]) for k in METRIC_NAMES)
+    result = dict({k: v if math.isfinite(v) else None for k, v in metrics.items()},  # NaN is not JSON: null
+                  protocol=args.protocol, frames=len(ds), tta=args.tta, ckpt=args.ckpt, data=args.data,
                   skipped=[{"file": p, "reason": r} for p, r in ds.skipped], written_by="evaluate.py")
     if args.out:
         atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
@@ -180,6 +173,10 @@ def run(args):
     if args.save_dir:
         write_per_image(args.save_dir, ds, per_image, net, device, amp_dtype, args)
         print(f"wrote predictions, per_image.csv and best/worst figures to {args.save_dir}")
+    if not finite:  # never a NaN metric with exit status 0; the NaN-weights warning above already said why
+        if not nonfinite:
+            print(f"error: {args.ckpt}: the predictions hold NaN/inf, so the metrics are not numbers", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -205,7 +202,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
         return run(args)
-    except UserError as e:
+    except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

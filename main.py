@@ -24,8 +24,9 @@ import torch.nn.functional as F
 import dataset as ds_lib
 import model as model_lib
 from losses import build_loss
-from utils import (UserError, atomic_write, evaluate_batches, fast_path, load_checkpoint, pick_device,
-                   plot_curves, save_checkpoint, seed_everything, summarize, visualize_img, autocast, predict_depth)
+from utils import (TEMP_NAME, UserError, atomic_write, evaluate_batches, fast_path, load_checkpoint, model_from_checkpoint,
+                   pick_device, plot_curves, remove_stale_temps, save_checkpoint, seed_everything, summarize, visualize_img,
+                   autocast, predict_depth)
 
 # ------------------------------------------------------------------------------------------------
 # hyperparameters (defaults of the flags below)
@@ -55,6 +56,7 @@ RECIPES = {  # the two reports' configurations, as the reports give them
                             weight_decay=1e-5, scheduler="cyclic", batch_size=32, max_epochs=100, augment="none"),
 }
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
+RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch_done", "step", "best", "history", "rng")
 
 
 def get_parser():
@@ -102,9 +104,11 @@ def parse_args(argv):
     if pre.list_models:
         return pre
     if pre.resume:  # a resumed run continues with the arguments it was started with
-        saved = load_checkpoint(pre.resume).get("args")
-        if not isinstance(saved, dict):
-            raise UserError(f"{pre.resume}: no training arguments recorded; not a main.py checkpoint")
+        ckpt = load_checkpoint(pre.resume)
+        saved, missing = ckpt.get("args"), [k for k in RESUME_KEYS if k not in ckpt]
+        if not isinstance(saved, dict) or missing:
+            raise UserError(f"{pre.resume}: not a main.py training checkpoint (no {', '.join(missing) or 'args'} recorded); "
+                            f"it cannot be resumed")
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "stop_after_epochs", "list_models")})
     elif pre.recipe:
         parser.set_defaults(**RECIPES[pre.recipe])
@@ -171,8 +175,11 @@ def batches_of(train_set, stacked, indices, batch_size, device, workers):
         return
     loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=indices, num_workers=workers,
                                          drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
-    for rgb, depth in loader:
-        yield rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
+    try:
+        for rgb, depth in loader:
+            yield rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
+    except UserError as e:  # from a worker process it comes wrapped in that worker's traceback: keep its last line
+        raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
 def eval_batches(split_set, indices, batch_size):
@@ -257,14 +264,21 @@ def checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, 
     }
 
 
+def holds_run(folder):
+    """Whether a folder holds anything but what a run killed before its first checkpoint leaves behind
+    (metrics, figures, temp files); the same command started again continues in such a folder."""
+    return os.path.isdir(folder) and any(f not in ("metrics.csv", "curves.png", "figures") and not TEMP_NAME.match(f)
+                                         for f in os.listdir(folder))
+
+
 def new_run_dir(args):
     name = args.ckpt_name or args.model
     run_dir = os.path.join(args.ckpt_dir, name)
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
+    if holds_run(run_dir):
         if args.ckpt_name:
             raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}/last.pth or choose another --ckpt_name")
         k = 2
-        while os.path.isdir(f"{run_dir}-{k}") and os.listdir(f"{run_dir}-{k}"):
+        while holds_run(f"{run_dir}-{k}"):
             k += 1
         run_dir = f"{run_dir}-{k}"
     return run_dir
@@ -308,8 +322,7 @@ def train(args):
     # model, optimisation
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        net = model_lib.build_model(**ckpt["model"])
-        net.load_state_dict(ckpt["state_dict"])
+        net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.resume)
     else:
         net = model_lib.build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
                                     encoder_weights=args.encoder_weights, head=args.head)
@@ -325,13 +338,17 @@ def train(args):
     step_fn_model = torch.compile(model) if args.compile else model
     start_epoch, step, best, history = 0, 0, {"val_rmse": float("inf"), "epoch": None}, []
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt["scheduler"] is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best, history = ckpt["epoch_done"], ckpt["step"], ckpt["best"], ckpt["history"]
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scheduler is not None and ckpt.get("scheduler") is not None:
+                scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, step, best, history = ckpt["epoch_done"], ckpt["step"], ckpt["best"], ckpt["history"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a damaged or hand-made checkpoint
+            detail = (str(e).strip().splitlines() or ["?"])[0]
+            raise UserError(f"{args.resume}: cannot resume from it (damaged training state: {type(e).__name__}: {detail})") from None
         run_dir = os.path.dirname(os.path.abspath(args.resume))
         log(f"resumed {args.resume}: {start_epoch} epoch(s) done, step {step}")
     else:
@@ -374,7 +391,14 @@ def train(args):
                               title=f"{args.model} {tag}, val frame {val_set.names[i]}")
         net.train(was)
 
+    def kept():
+        last = os.path.join(run_dir, "last.pth")
+        return f"The last good checkpoint is kept: {last}" if os.path.exists(last) else "No checkpoint had been written yet."
+
     def save(path_names, epoch_done, epoch, in_epoch=None):
+        bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # a step with a finite loss but NaN/inf gradients: never let it replace a good checkpoint
+            raise FloatingPointError(f"weights hold NaN/inf (e.g. {bad[0]}) after step {step} (epoch {epoch}); stopping. {kept()}")
         if not main_proc:
             return
         state = checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done)
@@ -383,7 +407,8 @@ def train(args):
             try:
                 save_checkpoint(os.path.join(run_dir, name), state)
             except OSError as e:
-                raise UserError(f"{os.path.join(run_dir, name)}: could not write checkpoint ({e}); the previous file is intact") from None
+                raise UserError(f"{os.path.join(run_dir, name)}: could not write checkpoint ({e.strerror or e}); "
+                                f"the previous file is intact") from None
 
     flip, jitter = "flip" in args.augment, 0.2 if "jitter" in args.augment else 0.0
     stop = {"signal": None}  # Ctrl-C / SIGTERM: finish the current step, save last.pth, exit cleanly
@@ -392,12 +417,22 @@ def train(args):
         if stop["signal"] is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         stop["signal"] = signal.Signals(signum).name
-    if main_proc or world == 1:
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
 
     from tqdm import tqdm
     resume_in_epoch = ckpt.get("in_epoch") if ckpt is not None else None
+    if main_proc:  # a SIGKILL can leave temp files, and can fall between writing last.pth and best.pth
+        remove_stale_temps(run_dir)
+        if ckpt is not None and not resume_in_epoch and best["epoch"] == start_epoch:
+            try:
+                stale = load_checkpoint(os.path.join(run_dir, "best.pth")).get("epoch") != start_epoch
+            except UserError:
+                stale = True
+            if stale:
+                save(["best.pth"], start_epoch, start_epoch)
+                log(f"rewrote best.pth (epoch {start_epoch}): a crash had cut its write short")
+    previous_handlers = {}  # put back on the way out (main.main may run inside a longer-lived process)
+    if main_proc or world == 1:
+        previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     model.train()
     try:
         for epoch in range(start_epoch, args.max_epochs):
@@ -419,8 +454,7 @@ def train(args):
                     loss = train_step(step_fn_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler,
                                       amp_dtype, channels_last, augment=(flip, jitter, aug_gen) if args.augment != "none" else None)
                 except FloatingPointError as e:
-                    raise FloatingPointError(f"{e} at step {step + 1} (epoch {epoch + 1}); stopping. "
-                                             f"The last good checkpoint is kept: {os.path.join(run_dir, 'last.pth')}") from None
+                    raise FloatingPointError(f"{e} at step {step + 1} (epoch {epoch + 1}); stopping. {kept()}") from None
                 step, steps_done = step + 1, steps_done + 1
                 loss_sum, n_seen, n_timed = loss_sum + loss.item() * rgb.shape[0], n_seen + rgb.shape[0], n_timed + rgb.shape[0]
                 if main_proc and step % 10 == 0:
@@ -467,6 +501,8 @@ def train(args):
         log("\ninterrupted twice: stopped at once; last.pth holds the last finished epoch")
         return 130
     finally:
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if main_proc and best["epoch"] is not None:
@@ -506,7 +542,7 @@ def main(argv=None):
         except ValueError as e:
             raise UserError(f"--loss: {e}") from None
         return train(args)
-    except (UserError, FloatingPointError) as e:
+    except (UserError, FloatingPointError, OSError) as e:  # OSError: a full disk or a folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2
 

@@ -3,9 +3,11 @@
 One SSIM (the course definition), one metrics function (accumulated over a whole split), the
 figure (`visualize_img`), seeding, device choice, atomic writes and the one checkpoint format.
 """
+import io
 import math
 import os
 import random
+import re
 import tempfile
 import warnings
 
@@ -159,8 +161,10 @@ def visualize_img(rgb, depth, pred, path, title=None):
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    with warnings.catch_warnings():  # a frame name in a script the font lacks (CJK, ...) is drawn as boxes, silently
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig.tight_layout()
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,10 +183,22 @@ def pick_device(name=None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes 0600 files others cannot read
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # atomic_write's temp files: .NAME.XXXXXXXX.tmp
+
+
 def atomic_write(path, write_fn):
     """Write a file through `write_fn(fileobj)` into a temp file beside it, fsync, then rename.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    A crash at any moment leaves either the old file or the new one, never a half-written one (a kill can
+    leave the temp file `.NAME.XXXXXXXX.tmp`; `remove_stale_temps` clears those). A failed write removes the
+    temp file and raises OSError naming `path` (a write error alone does not say which file it was).
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -190,14 +206,25 @@ def atomic_write(path, write_fn):
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None and not e.filename:
+            raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from None
         raise
+
+
+def remove_stale_temps(folder):
+    """Delete the temp files that killed atomic_write calls left in a folder (and its subfolders)."""
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            if TEMP_NAME.match(name):
+                os.remove(os.path.join(parent, name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +236,9 @@ def save_checkpoint(path, ckpt):
         if key not in ckpt:
             raise ValueError(f"checkpoint dict lacks '{key}'")
     ckpt = dict(ckpt, format=CKPT_FORMAT)
-    atomic_write(path, lambda f: torch.save(ckpt, f))
+    buf = io.BytesIO()  # torch.save straight to a file turns a full disk into "unexpected pos ..." RuntimeErrors
+    torch.save(ckpt, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -244,6 +273,33 @@ def load_checkpoint(path, map_location="cpu"):
 
 def is_state_dict(obj):
     return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def model_from_checkpoint(config, state, source):
+    """The model a checkpoint describes (config: model name and options), with its weights loaded.
+
+    UserError naming `source` when the description cannot be built or the weights do not fit it. Options
+    that would fetch or read other files (pretrained, encoder_weights) are ignored: the weights are here.
+    """
+    import model as model_lib  # model.py imports this module
+    if not isinstance(config, dict) or not is_state_dict(state):
+        raise UserError(f"{source}: not a depth checkpoint (no model description and state dict of tensors)")
+    config = {k: v for k, v in config.items() if k not in ("pretrained", "encoder_weights")}
+    try:
+        net = model_lib.build_model(**config)
+    except (UserError, TypeError) as e:
+        raise UserError(f"{source}: cannot build the model it describes ({e})") from None
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(x)} {what} (e.g. {', '.join(x[:3])})" for x, what in
+                 [(missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "shape mismatches")] if x]
+        raise UserError(f"{source}: weights do not fit model '{config['name']}': " + "; ".join(parts))
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return net
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,3 +37,27 @@ def synthetic_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
     synthetic.make_dataset(str(root), n_train=24, n_val=8, n_test=6, seed=0, progress=False)
     return str(root)
+
+
+# ------------------------------------------------------------------------------------------------
+# shared helpers for tests that run the scripts or feed them hostile files
+
+def run_script(script, args, **kwargs):
+    """Run one of the project's scripts (main.py, evaluate.py) in a fresh Python; text output captured."""
+    import subprocess
+    return subprocess.run([sys.executable, os.path.join(ROOT, script)] + [str(a) for a in args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def message_lines(stderr):
+    """The lines a user reads on stderr: everything but tqdm progress bars."""
+    import re
+    return [line.strip() for line in re.split(r"[\r\n]+", stderr) if line.strip() and "%|" not in line]
+
+
+def exploit(victim):
+    """An object whose unpickling creates the file `victim`: if that file appears, loading ran code."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(victim), "w"))
+    return Payload()

@@ -1,0 +1,365 @@
+"""Speed of our training and evaluation paths against the course template's, on this machine.
+
+    python benchmark.py                                               # effnet_unet on synthetic scenes
+    python benchmark.py --model effnet_unet --data_dir DepthEstimationUnreal --steps 30
+    python benchmark.py --data_dir DepthEstimationUnreal --profile    # + top ops of one training step
+    python benchmark.py --data_dir DepthEstimationUnreal --json bench.json
+
+train: images/s of main.py's step (cached uint8 tensors indexed per batch by main.batches_of, main.train_step,
+       autocast and memory format from utils.fast_path, main.py's default augmentation) and of the template-style
+       step (a DataLoader with --template_workers workers over a Dataset that opens every JPEG with PIL and
+       np.loads every depth map, torchvision ToTensor, fp32, default memory format), with the same model, batch,
+       optimizer (main.make_optimizer: AdamW), scheduler and loss.
+eval:  images/s of evaluate.py's prediction path (utils.predict_depth under inference_mode, fast_path's choices,
+       cached batches) against the template-style loop (file-decoding DataLoader, fp32, no_grad).
+Each path: --warmup untimed steps, then --repeats timed runs of --steps steps; median and min-max are printed.
+utilisation: FLOPs per image (torch.utils.flop_counter on one step), achieved FLOP/s and MFU, i.e. that as a
+       fraction of this machine's own matmul peak measured in the same run in the path's compute dtype.
+memory: CUDA max_memory_allocated per path; on a CPU the process peak RSS (monotonic over the whole run).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+import dataset as ds_lib
+import main as train_lib
+import model as model_lib
+from losses import build_loss
+from utils import atomic_write, cpu_model_name, fast_path, pick_device, predict_depth, seed_everything
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default=train_lib.MODEL)
+    a("--data_dir", default=None, help="dataset root (default: synthetic scenes made in a temporary folder)")
+    a("--n_train", type=int, default=96, help="synthetic train frames (without --data_dir)")
+    a("--n_val", type=int, default=32, help="synthetic val frames (without --data_dir)")
+    a("--batch_size", type=int, default=train_lib.BATCH_SIZE)
+    a("--steps", type=int, default=30, help="steps per timed repeat")
+    a("--repeats", type=int, default=3)
+    a("--warmup", type=int, default=3, help="untimed steps before the repeats")
+    a("--template_workers", type=int, default=4, help="DataLoader workers of the template-style loops (the template's 4)")
+    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="our path's autocast (auto: utils.fast_path)")
+    a("--channels_last", default="auto", choices=["auto", "on", "off"], help="our path's memory format")
+    a("--compile", action="store_true", help="torch.compile our path's model (as main.py --compile)")
+    a("--profile", action="store_true", help="print the top ops by self time of one training step of our path")
+    a("--device", default=None)
+    a("--json", default=None, help="write every figure here")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# the template's data path (the course template: PIL + np.load per item, ToTensor, DataLoader workers)
+
+class TemplateDataset(torch.utils.data.Dataset):
+    def __init__(self, data_dir, split):
+        import torchvision.transforms as T
+        _, self.rgb_paths, self.depth_paths = ds_lib.find_pairs(data_dir, split)
+        self.to_tensor = T.ToTensor()
+
+    def __len__(self):
+        return len(self.rgb_paths)
+
+    def __getitem__(self, i):
+        rgb = self.to_tensor(Image.open(self.rgb_paths[i]).convert("RGB"))
+        depth = self.to_tensor(np.clip(np.load(self.depth_paths[i]).astype(np.float32), 0.0, 20.0))
+        return rgb, depth
+
+
+# ------------------------------------------------------------------------------------------------
+# timing, memory, FLOPs
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; the process peak so far
+
+
+def time_path(name, run_one, batches, args, device):
+    """images/s of `args.repeats` timed runs of `args.steps` calls of run_one(rgb, depth) after `args.warmup`
+    untimed ones (batch loading included: it is part of each path); .item() only after the clock stops."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(args.warmup):
+        out = run_one(*next(batches))
+    sync(device)
+    rates = []
+    for r in range(args.repeats):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            out = run_one(*next(batches))
+        sync(device)
+        rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
+        print(f"  {name} repeat {r + 1}/{args.repeats}: {rates[-1]:.1f} images/s (last output {out.float().mean().item():.3f})")
+    return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": rates,
+            "peak_memory_mb": peak_memory_mb(device)}
+
+
+def conv_flop_formulas(tally):
+    """FlopCounterMode formulas for aten.convolution and its backward that also tally grouped (depthwise) convs.
+    Backward: grad_input and grad_weight each cost the forward's multiply-adds; torch 2.14's own formula counts
+    grad_weight as if groups were 1, C times too high for a depthwise conv (pytorch/pytorch#183405)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    def count(x, w, out, transposed, groups, times=1):
+        flops = conv_flop_count(x, w, out, transposed) * times
+        tally["depthwise_conv" if groups > 1 else "dense_conv"] += flops
+        return flops
+
+    def forward(x, w, _bias, _stride, _pad, _dil, transposed, _out_pad, groups, out_shape=None, **_):
+        return count(x, w, out_shape, transposed, groups)
+
+    def backward(grad_out, x, w, _bias, _stride, _pad, _dil, transposed, _out_pad, groups, mask, out_shape=None, **_):
+        return count(x, w, grad_out, transposed, groups, int(mask[0]) + int(mask[1]))
+    return {torch.ops.aten.convolution: forward, torch.ops.aten.convolution_backward: backward}
+
+
+def flops_of(fn, *inputs):
+    """(total FLOPs, {dense_conv, depthwise_conv: FLOPs}) of one call, by torch.utils.flop_counter."""
+    from collections import Counter
+    from torch.utils.flop_counter import FlopCounterMode
+    tally = Counter()
+    counter = FlopCounterMode(display=False, custom_mapping=conv_flop_formulas(tally))
+    with counter:
+        fn(*inputs)
+    return counter.get_total_flops(), dict(tally)
+
+
+def matmul_peak(device, dtype, n=None, reps=5):
+    """FLOP/s of the best of `reps` n x n matmuls in dtype: this machine's own reference peak."""
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def index_stream(n_frames, n_batches, batch_size):
+    """main.py's epoch orders, one after another, until n_batches full batches are covered."""
+    indices, epoch = [], 0
+    while len(indices) < n_batches * batch_size:
+        indices += train_lib.epoch_order(n_frames, 0, epoch, 0, 1)[: n_frames // batch_size * batch_size]
+        epoch += 1
+    return indices[: n_batches * batch_size]
+
+
+def op_kind(event):
+    """dense conv, depthwise conv (weight [C, 1, k, k]), batch norm or other, from a profiler event's input shapes."""
+    if "conv" in event.key and len(event.input_shapes) > 2:
+        w = event.input_shapes[2 if "backward" in event.key else 1]
+        return "depthwise conv" if len(w) == 4 and w[1] == 1 and w[0] > 1 else "dense conv"
+    return "batch norm" if "batch_norm" in event.key else "other"
+
+
+def profile_step(run_one, batch, device, rows=12):
+    """(top-ops table, {top ops, time share per op kind}) of one call under torch.profiler."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+        run_one(*batch)
+        sync(device)
+    by_op = sorted(prof.key_averages(), key=lambda e: getattr(e, sort), reverse=True)
+    total = sum(getattr(e, sort) for e in by_op) or 1.0
+    shares = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        shares[op_kind(e)] = shares.get(op_kind(e), 0.0) + getattr(e, sort) / total
+    top = [{"op": e.key, "self_us": getattr(e, sort), "share": getattr(e, sort) / total, "calls": e.count} for e in by_op[:rows]]
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    return table, {"sort_by": sort, "total_us": total, "top_ops": top, "time_share_by_kind": shares}
+
+
+# ------------------------------------------------------------------------------------------------
+# the two paths
+
+def make_path(margs, loss_fn, device, total_steps, amp_dtype=None, channels_last=False, compile=False, augment=None):
+    """(model, train_one(rgb, depth), predict_one(rgb, depth)) of one path, made as main.py makes them; the defaults
+    are the template's: fp32, default memory format, no augmentation. Same seed, so the same initial weights."""
+    seed_everything(0)
+    net = model_lib.build_model(margs.model, pretrained=False, head=margs.head).to(device).train()
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    optimizer = train_lib.make_optimizer(margs, net)
+    scheduler = train_lib.make_scheduler(margs, optimizer, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    step_model = torch.compile(net) if compile else net
+
+    def train_one(rgb, depth_m):
+        return train_lib.train_step(step_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler,
+                                    amp_dtype, channels_last, augment=augment)
+
+    def predict_one(rgb, depth_m):
+        return predict_depth(net, rgb, depth_m.shape[-2:], amp_dtype=amp_dtype, channels_last=channels_last)
+    return net, train_one, predict_one
+
+
+def index_stream(n_frames, n_batches, batch_size):
+    """main.py's epoch orders, one after another, until n_batches full batches are covered."""
+    indices, epoch = [], 0
+    while len(indices) < n_batches * batch_size:
+        indices += train_lib.epoch_order(n_frames, 0, epoch, 0, 1)[: n_frames // batch_size * batch_size]
+        epoch += 1
+    return indices[: n_batches * batch_size]
+
+
+def dtype_name(dtype):
+    return str(dtype or torch.float32).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------------------------
+
+def run(args):
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # the template's 4 workers on fewer cores
+    device = pick_device(args.device)
+    amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
+    print(f"device {device} ({why}); torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} "
+          f"CPU cores, load average {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)\nours: autocast {amp_dtype or 'off'}, channels_last {channels_last}{', compiled' if args.compile else ''}"
+          f"; template: fp32, default memory format, {args.template_workers} DataLoader workers")
+
+    # data: main.py's cache (uint8, on the GPU under CUDA) for our path, the files themselves for the template's
+    tmp = None
+    data_dir = args.data_dir
+    if data_dir is None:
+        import synthetic
+        tmp = tempfile.TemporaryDirectory(prefix="bench_synthetic_")
+        data_dir = tmp.name
+        print(f"no --data_dir: {args.n_train} train / {args.n_val} val synthetic scenes in {data_dir}")
+        synthetic.make_dataset(data_dir, n_train=args.n_train, n_val=args.n_val, progress=True)
+    print(f"caching {data_dir} train and val as main.py does")
+    sets = {split: ds_lib.DepthDataset(data_dir, split=split, cache=True, progress=True) for split in ("train", "val")}
+    stacked = {split: ds.stacked() for split, ds in sets.items()}
+    if device.type == "cuda":  # as main.py: the whole uint8 split lives on the GPU
+        stacked = {split: tuple(t.to(device) for t in s) for split, s in stacked.items()}
+    hw = tuple(stacked["train"][0].shape[-2:])
+    n_batches = args.warmup + args.repeats * args.steps + (2 if args.profile else 0)
+
+    def batch_streams(split):
+        """(our batches, the template's batches): the same frames in the same order, each path's own way."""
+        idx = index_stream(len(sets[split]), n_batches, args.batch_size)
+        return (train_lib.batches_of(sets[split], stacked[split], idx, args.batch_size, device, 0),
+                train_lib.batches_of(TemplateDataset(data_dir, split), None, idx, args.batch_size, device, args.template_workers))
+
+    # the same model (same initial weights), optimizer, scheduler and loss for both paths, made by main.py's functions
+    margs = train_lib.get_parser().parse_args(["--model", args.model, "--batch_size", str(args.batch_size)])
+    margs.max_epochs = 1
+    loss_fn = build_loss(margs.loss)
+    augment = (("flip" in margs.augment, 0.2 if "jitter" in margs.augment else 0.0, torch.Generator().manual_seed(0))
+               if margs.augment != "none" else None)
+    total_steps = n_batches + 1  # + the step the FLOPs are counted on
+    nets, train_fns, predict_fns = zip(make_path(margs, loss_fn, device, total_steps, amp_dtype, channels_last, args.compile, augment),
+                                       make_path(margs, loss_fn, device, total_steps))
+    paths = ("ours", "template")
+    n_params = sum(p.numel() for p in nets[0].parameters())
+    print(f"model {args.model} ({n_params / 1e6:.2f} M parameters), batch {args.batch_size} of {hw[1]}x{hw[0]}, loss "
+          f"{loss_fn.spec}, {margs.optimizer}; ours augments ({margs.augment}) as main.py does, the template does not")
+
+    results = {"train": {}, "eval": {}}
+    print(f"train: {args.warmup} warm-up + {args.repeats} x {args.steps} steps per path")
+    for path, fn, batches in zip(paths, train_fns, batch_streams("train")):
+        results["train"][path] = time_path(f"train {path}", fn, batches, args, device)
+        del batches  # a template stream's DataLoader workers stop here
+    print(f"eval: {args.warmup} warm-up + {args.repeats} x {args.steps} batches per path")
+    for path, net, fn, batches, grad_mode in zip(paths, nets, predict_fns, batch_streams("val"), (torch.inference_mode, torch.no_grad)):
+        net.eval()
+        with grad_mode():
+            results["eval"][path] = time_path(f"eval {path}", fn, batches, args, device)
+        net.train()
+        del batches
+
+    # utilisation: FLOPs per image (counts do not depend on the dtype) against this run's own matmul peak
+    rgb, depth = next(train_lib.batches_of(sets["train"], stacked["train"], list(range(args.batch_size)), args.batch_size, device, 0))
+    flops = {"train": flops_of(train_fns[1], rgb, depth)}
+    nets[1].eval()
+    with torch.inference_mode():
+        flops["eval"] = flops_of(predict_fns[1], rgb, depth)
+    nets[1].train()
+    print("measuring this machine's matmul peak")
+    peaks = {dtype_name(dt): matmul_peak(device, dt) for dt in dict.fromkeys([torch.float32, amp_dtype or torch.float32])}
+    for kind in ("train", "eval"):
+        per_image = flops[kind][0] / args.batch_size
+        for path, dt in zip(paths, (amp_dtype, None)):
+            r = results[kind][path]
+            r.update(flops_per_image=per_image, flops_per_s=per_image * r["images_per_s"], peak_dtype=dtype_name(dt))
+            r["mfu"] = r["flops_per_s"] / peaks[r["peak_dtype"]]
+        results[kind]["speedup"] = results[kind]["ours"]["images_per_s"] / results[kind]["template"]["images_per_s"]
+        results[kind]["depthwise_conv_flop_share"] = flops[kind][1].get("depthwise_conv", 0) / flops[kind][0]
+
+    memory = "CUDA max_memory_allocated per path" if device.type == "cuda" else \
+        "process peak RSS so far (ru_maxrss; the whole process, cached data included)"
+    print(f"\n{args.model}, batch {args.batch_size}, {hw[1]}x{hw[0]}, {device} ({why}), torch {torch.__version__}")
+    print(f"{'':16}{'images/s':>9} {'(min-max)':>13} {'ratio':>6} {'GFLOP/img':>9} {'GFLOP/s':>8} {'mfu':>7} {'of peak':>9} "
+          f"{'mem MB':>7}")
+    for kind in ("train", "eval"):
+        for path in paths:
+            r = results[kind][path]
+            ratio = f"{results[kind]['speedup']:.2f}x" if path == "ours" else ""
+            print(f"{kind + ' ' + path:16}{r['images_per_s']:>9.1f} {r['min']:>6.1f}-{r['max']:<6.1f} {ratio:>6} "
+                  f"{r['flops_per_image'] / 1e9:>9.2f} {r['flops_per_s'] / 1e9:>8.1f} {r['mfu'] * 100:>6.2f}% "
+                  f"{r['peak_dtype']:>9} {r['peak_memory_mb']:>7.0f}")
+    print("matmul peak (mfu's reference): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()))
+    print(f"GFLOP/img: forward+backward of a training step, forward for eval; depthwise convs do "
+          f"{results['train']['depthwise_conv_flop_share']:.1%} of the training FLOPs (they, batch norm and the "
+          f"elementwise layers are bandwidth-bound and cannot reach the matmul peak)\nmem MB: {memory}")
+
+    profile = None
+    if args.profile:
+        batches = batch_streams("train")[0]
+        train_fns[0](*next(batches))
+        table, profile = profile_step(train_fns[0], next(batches), device)
+        print(f"\none training step of our path, top ops by {profile['sort_by']}:\n{table}")
+        print("time share by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(profile["time_share_by_kind"].items(),
+                                                                                   key=lambda kv: -kv[1])))
+
+    result = {
+        "machine": {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
+                    "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                    "fast_path": why, "load_average_1min_at_end": os.getloadavg()[0]},
+        "config": {"model": args.model, "batch_size": args.batch_size, "image_hw": list(hw), "steps": args.steps,
+                   "repeats": args.repeats, "warmup": args.warmup, "template_workers": args.template_workers,
+                   "data_dir": args.data_dir, "train_frames": len(sets["train"]), "val_frames": len(sets["val"]),
+                   "ours": {"autocast": amp_dtype and dtype_name(amp_dtype), "channels_last": channels_last,
+                            "compile": args.compile, "augment": margs.augment},
+                   "template": {"autocast": None, "channels_last": False, "compile": False, "augment": "none"},
+                   "optimizer": margs.optimizer, "loss": loss_fn.spec, "memory": memory},
+        "train": results["train"], "eval": results["eval"],
+        "utilisation": {"train_flops_per_image": flops["train"][0] / args.batch_size,
+                        "eval_flops_per_image": flops["eval"][0] / args.batch_size, "matmul_peak_flops_per_s": peaks},
+        "profile": profile,
+    }
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        print(f"wrote {args.json}")
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+def main(argv=None):
+    run(get_parser().parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""benchmark.py end to end on tiny synthetic data: a smoke test of every figure and the JSON (no timing assertions)."""
+import json
+import math
+
+import benchmark
+
+
+def test_benchmark_writes_every_figure(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--data_dir", synthetic_root, "--batch_size", "2", "--warmup", "1", "--steps", "1",
+                           "--repeats", "1", "--template_workers", "0", "--device", "cpu", "--profile",
+                           "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+
+    assert {"machine", "config", "train", "eval", "utilisation", "profile"} <= set(result)
+    assert result["machine"]["cpu"] and result["machine"]["torch"] and result["machine"]["device"] == "cpu"
+    assert result["config"]["batch_size"] == 2 and result["config"]["image_hw"] == [144, 256]
+    assert result["config"]["template"]["autocast"] is None and result["config"]["template"]["channels_last"] is False
+    for kind in ("train", "eval"):
+        assert result[kind]["speedup"] > 0 and 0 <= result[kind]["depthwise_conv_flop_share"] < 1
+        for path in ("ours", "template"):
+            r = result[kind][path]
+            assert len(r["repeats"]) == 1 and r["min"] <= r["images_per_s"] <= r["max"]
+            for key in ("images_per_s", "flops_per_image", "flops_per_s", "mfu", "peak_memory_mb"):
+                assert math.isfinite(r[key]) and r[key] > 0, (kind, path, key, r[key])
+    util = result["utilisation"]
+    assert util["train_flops_per_image"] > 2 * util["eval_flops_per_image"] > 0  # backward costs about twice the forward
+    assert util["matmul_peak_flops_per_s"]["float32"] > 0
+    profile = result["profile"]
+    assert profile["top_ops"] and abs(sum(profile["time_share_by_kind"].values()) - 1) < 1e-6
+
+    printed = capsys.readouterr().out
+    assert "train ours" in printed and "eval template" in printed and "mfu" in printed
