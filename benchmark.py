@@ -35,7 +35,7 @@ import dataset as ds_lib
 import main as train_lib
 import model as model_lib
 from losses import build_loss
-from utils import atomic_write, cpu_model_name, fast_path, pick_device, predict_depth, seed_everything
+from utils import UserError, atomic_write, cpu_model_name, fast_path, pick_device, predict_depth, seed_everything
 
 
 def get_parser():
@@ -52,7 +52,7 @@ def get_parser():
     a("--template_workers", type=int, default=4, help="DataLoader workers of the template-style loops (the template's 4)")
     a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="our path's autocast (auto: utils.fast_path)")
     a("--channels_last", default="auto", choices=["auto", "on", "off"], help="our path's memory format")
-    a("--compile", action="store_true", help="torch.compile our path's model (as main.py --compile)")
+    a("--compile", action="store_true", help="torch.compile our path's model (as main.py --compile; raise --warmup to keep compiling out of the timing)")
     a("--profile", action="store_true", help="print the top ops by self time of one training step of our path")
     a("--device", default=None)
     a("--json", default=None, help="write every figure here")
@@ -91,24 +91,35 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; the process peak so far
 
 
-def time_path(name, run_one, batches, args, device):
-    """images/s of `args.repeats` timed runs of `args.steps` calls of run_one(rgb, depth) after `args.warmup`
-    untimed ones (batch loading included: it is part of each path); .item() only after the clock stops."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):
-        out = run_one(*next(batches))
-    sync(device)
-    rates = []
-    for r in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            out = run_one(*next(batches))
+def time_paths(kind, fns, streams, args, device):
+    """{path: images/s of args.repeats timed runs of args.steps calls of fn(rgb, depth)} for the paths in fns, after
+    args.warmup untimed calls each. Repeats take turns (ours, template, ours, ...) so a drift in the shared machine's
+    speed hits both paths alike. Batch loading is timed: it is part of each path. .item() only after the clock stops."""
+    def settle(path):  # the template's workers finish prefetching before another path's clock starts
+        if path == "template" and args.template_workers:
+            time.sleep(1.0)
+
+    for path, fn in fns.items():
+        for _ in range(args.warmup):
+            fn(*next(streams[path]))
         sync(device)
-        rates.append(args.steps * args.batch_size / (time.perf_counter() - t0))
-        print(f"  {name} repeat {r + 1}/{args.repeats}: {rates[-1]:.1f} images/s (last output {out.float().mean().item():.3f})")
-    return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": rates,
-            "peak_memory_mb": peak_memory_mb(device)}
+        settle(path)
+    rates, peaks = {path: [] for path in fns}, {path: 0.0 for path in fns}
+    for r in range(args.repeats):
+        for path, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                out = fn(*next(streams[path]))
+            sync(device)
+            rates[path].append(args.steps * args.batch_size / (time.perf_counter() - t0))
+            peaks[path] = max(peaks[path], peak_memory_mb(device))
+            print(f"  {kind} {path} repeat {r + 1}/{args.repeats}: {rates[path][-1]:.1f} images/s "
+                  f"(last output {out.float().mean().item():.3f})")
+            settle(path)
+    return {path: {"images_per_s": statistics.median(v), "min": min(v), "max": max(v), "repeats": v,
+                   "peak_memory_mb": peaks[path]} for path, v in rates.items()}
 
 
 def conv_flop_formulas(tally):
@@ -223,6 +234,14 @@ def index_stream(n_frames, n_batches, batch_size):
     return indices[: n_batches * batch_size]
 
 
+def under(mode, fn):
+    """fn called under a grad mode (torch.inference_mode or torch.no_grad)."""
+    def call(*inputs):
+        with mode():
+            return fn(*inputs)
+    return call
+
+
 def dtype_name(dtype):
     return str(dtype or torch.float32).replace("torch.", "")
 
@@ -234,8 +253,9 @@ def run(args):
     device = pick_device(args.device)
     amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
     print(f"device {device} ({why}); torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} "
-          f"CPU cores, load average {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)\nours: autocast {amp_dtype or 'off'}, channels_last {channels_last}{', compiled' if args.compile else ''}"
-          f"; template: fp32, default memory format, {args.template_workers} DataLoader workers")
+          f"CPU cores, load average {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)")
+    print(f"ours: autocast {amp_dtype or 'off'}, channels_last {channels_last}{', compiled' if args.compile else ''}; "
+          f"template: fp32, default memory format, {args.template_workers} DataLoader workers")
 
     # data: main.py's cache (uint8, on the GPU under CUDA) for our path, the files themselves for the template's
     tmp = None
@@ -274,18 +294,15 @@ def run(args):
     print(f"model {args.model} ({n_params / 1e6:.2f} M parameters), batch {args.batch_size} of {hw[1]}x{hw[0]}, loss "
           f"{loss_fn.spec}, {margs.optimizer}; ours augments ({margs.augment}) as main.py does, the template does not")
 
-    results = {"train": {}, "eval": {}}
-    print(f"train: {args.warmup} warm-up + {args.repeats} x {args.steps} steps per path")
-    for path, fn, batches in zip(paths, train_fns, batch_streams("train")):
-        results["train"][path] = time_path(f"train {path}", fn, batches, args, device)
-        del batches  # a template stream's DataLoader workers stop here
-    print(f"eval: {args.warmup} warm-up + {args.repeats} x {args.steps} batches per path")
-    for path, net, fn, batches, grad_mode in zip(paths, nets, predict_fns, batch_streams("val"), (torch.inference_mode, torch.no_grad)):
+    print(f"train: {args.warmup} warm-up + {args.repeats} x {args.steps} steps per path, repeats in turn")
+    results = {"train": time_paths("train", dict(zip(paths, train_fns)), dict(zip(paths, batch_streams("train"))), args, device)}
+    print(f"eval: {args.warmup} warm-up + {args.repeats} x {args.steps} batches per path, repeats in turn")
+    for net in nets:
         net.eval()
-        with grad_mode():
-            results["eval"][path] = time_path(f"eval {path}", fn, batches, args, device)
+    eval_fns = {"ours": under(torch.inference_mode, predict_fns[0]), "template": under(torch.no_grad, predict_fns[1])}
+    results["eval"] = time_paths("eval", eval_fns, dict(zip(paths, batch_streams("val"))), args, device)
+    for net in nets:
         net.train()
-        del batches
 
     # utilisation: FLOPs per image (counts do not depend on the dtype) against this run's own matmul peak
     rgb, depth = next(train_lib.batches_of(sets["train"], stacked["train"], list(range(args.batch_size)), args.batch_size, device, 0))
@@ -357,7 +374,12 @@ def run(args):
 
 
 def main(argv=None):
-    run(get_parser().parse_args(argv))
+    args = get_parser().parse_args(argv)
+    try:
+        run(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
