@@ -177,10 +177,13 @@ def index_stream(n_frames, n_batches, batch_size):
 
 
 def op_kind(event):
-    """dense conv, depthwise conv (weight [C, 1, k, k]), batch norm or other, from a profiler event's input shapes."""
+    """The kind of a profiler event, from its name and input shapes: dense conv, depthwise conv (weight [C, 1, k, k]),
+    1-channel conv (weight [1, 1, k, k]: the SSIM loss's 11x11 Gaussian window), batch norm or other."""
     if "conv" in event.key and len(event.input_shapes) > 2:
         w = event.input_shapes[2 if "backward" in event.key else 1]
-        return "depthwise conv" if len(w) == 4 and w[1] == 1 and w[0] > 1 else "dense conv"
+        if len(w) == 4 and w[1] == 1:
+            return "depthwise conv" if w[0] > 1 else "1-channel conv (SSIM window)"
+        return "dense conv"
     return "batch norm" if "batch_norm" in event.key else "other"
 
 
@@ -197,7 +200,8 @@ def profile_step(run_one, batch, device, rows=12):
     for e in prof.key_averages(group_by_input_shape=True):
         shares[op_kind(e)] = shares.get(op_kind(e), 0.0) + getattr(e, sort) / total
     top = [{"op": e.key, "self_us": getattr(e, sort), "share": getattr(e, sort) / total, "calls": e.count} for e in by_op[:rows]]
-    table = prof.key_averages().table(sort_by=sort, row_limit=rows)
+    table = prof.key_averages().table(sort_by=sort, row_limit=rows) + "\nthe same by input shapes:\n" + \
+        prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows // 2, max_name_column_width=30)
     return table, {"sort_by": sort, "total_us": total, "top_ops": top, "time_share_by_kind": shares}
 
 
