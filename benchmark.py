@@ -12,7 +12,8 @@ train: images/s of main.py's step (cached uint8 tensors indexed per batch by mai
        optimizer (main.make_optimizer: AdamW), scheduler and loss.
 eval:  images/s of evaluate.py's prediction path (utils.predict_depth under inference_mode, fast_path's choices,
        cached batches) against the template-style loop (file-decoding DataLoader, fp32, no_grad).
-Each path: --warmup untimed steps, then --repeats timed runs of --steps steps; median and min-max are printed.
+Each path: --warmup untimed steps, then --repeats timed runs of --steps steps, the paths' runs taken in turn;
+       median and min-max are printed.
 utilisation: FLOPs per image (torch.utils.flop_counter on one step), achieved FLOP/s and MFU, i.e. that as a
        fraction of this machine's own matmul peak measured in the same run in the path's compute dtype.
 memory: CUDA max_memory_allocated per path; on a CPU the process peak RSS (monotonic over the whole run).
@@ -165,15 +166,6 @@ def matmul_peak(device, dtype, n=None, reps=5):
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
-
-
-def index_stream(n_frames, n_batches, batch_size):
-    """main.py's epoch orders, one after another, until n_batches full batches are covered."""
-    indices, epoch = [], 0
-    while len(indices) < n_batches * batch_size:
-        indices += train_lib.epoch_order(n_frames, 0, epoch, 0, 1)[: n_frames // batch_size * batch_size]
-        epoch += 1
-    return indices[: n_batches * batch_size]
 
 
 def op_kind(event):
