@@ -42,7 +42,8 @@ def get_parser():
     a("--batch_size", type=int, default=32)
     a("--protocol", default="split", choices=["split", "course"],
       help="split: over all pixels of the split (batch-size independent); course: mean over batches of per-batch RMSE/SSIM")
-    a("--tta", default="none", choices=["none", "flip"], help="flip: average with the horizontally flipped prediction")
+    a("--tta", default=None, choices=["none", "flip"],
+      help="flip: average with the horizontally flipped prediction (default: what the checkpoint names, else none)")
     a("--out", default=None, help="write the metrics as JSON here")
     a("--save_dir", default=None, help="write per-image predictions, a per-image CSV and best/worst figures here")
     a("--skip_bad", action="store_true", help="skip unreadable or inconsistent files and list them, instead of stopping")
@@ -64,6 +65,8 @@ def load_model(args, device):
             raise UserError(f"{args.ckpt}: a bare state dict with no model description; pass --model NAME "
                             f"(and --encoder/--head if not the defaults)")
         config = {"name": args.model, "encoder": args.encoder, "head": args.head}
+    if args.tta is None:  # a shipped checkpoint names the test-time augmentation it was validated with
+        args.tta = ckpt.get("tta") if ckpt.get("tta") in ("flip",) else "none"
     if not is_state_dict(state):
         raise UserError(f"{args.ckpt}: its state_dict holds something other than tensors")
     net = model_from_checkpoint(config, state, args.ckpt)

@@ -10,6 +10,7 @@ Every --evaluate_every epochs: RMSE/SSIM on train and val, a row in metrics.csv,
 figures of fixed val images, last.pth and (on a new best val RMSE) best.pth in the run folder.
 """
 import argparse
+import copy
 import csv
 import math
 import os
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 import dataset as ds_lib
 import model as model_lib
 from losses import build_loss
-from utils import (TEMP_NAME, UserError, atomic_write, evaluate_batches, fast_path, load_checkpoint, model_from_checkpoint,
+from utils import (TEMP_NAME, UserError, atomic_write, evaluate_batches, export_checkpoint, fast_path, load_checkpoint, model_from_checkpoint,
                    pick_device, plot_curves, remove_stale_temps, save_checkpoint, seed_everything, summarize, visualize_img,
                    autocast, predict_depth)
 
@@ -36,11 +37,13 @@ HEAD = "clip"                  # unbounded output, clamped to [0, 20] at inferen
 LOSS = "mse+0.15*ssim+0.05*edge"
 OPTIMIZER = "adamw"
 LR = 1e-3                      # decoder (and every parameter when --encoder_lr is not set)
-ENCODER_LR = 3e-4              # pretrained encoder
+ENCODER_LR = 1e-4              # pretrained encoder (3e-4 drifted further from ImageNet and did worse on val)
 WEIGHT_DECAY = 1e-4
 SCHEDULER = "onecycle"         # per step; or cyclic (triangular2), cosine, none
+EMA = 0.998                    # weight averaging per step (0: off); evaluation, figures and best.pth use the average
 BATCH_SIZE = 16
-MAX_EPOCHS = 20               # (4 on the synthetic quick start)
+MAX_EPOCHS = 6                 # (4 on the synthetic quick start); val RMSE rose after ~4 epochs on the real data
+TIME_BUDGET = None             # minutes of training (evaluation excluded); the LR schedule then follows the clock
 EVALUATE_EVERY = 2             # epochs
 VISUALIZE_EVERY = 500          # steps
 AUGMENT = "flip+jitter"        # none, flip, jitter, flip+jitter
@@ -75,7 +78,11 @@ def get_parser():
     a("--weight_decay", type=float, default=WEIGHT_DECAY)
     a("--scheduler", default=SCHEDULER, choices=["onecycle", "cyclic", "cosine", "none"])
     a("--batch_size", type=int, default=BATCH_SIZE)
-    a("--max_epochs", type=int, default=None, help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes)")
+    a("--max_epochs", type=int, default=None, help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; "
+                                                   f"no limit with --time_budget)")
+    a("--time_budget", type=float, default=TIME_BUDGET, help="stop after this many minutes of training (for equal-time "
+                                                              "comparisons); onecycle/cosine then run on the clock, not the step count")
+    a("--ema", type=float, default=EMA, help="decay of the per-step weight average (0: off)")
     a("--evaluate_every", type=int, default=EVALUATE_EVERY)
     a("--visualize_every", type=int, default=VISUALIZE_EVERY)
     a("--augment", default=AUGMENT, choices=["none", "flip", "jitter", "flip+jitter"])
@@ -95,13 +102,17 @@ def get_parser():
     a("--device", default=None)
     a("--recipe", default=None, choices=sorted(RECIPES))
     a("--list-models", "--list_models", dest="list_models", action="store_true")
+    a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
+      help="write a shippable copy of a checkpoint (evaluated weights and the run's record, no optimizer state) and exit")
+    a("--export_tta", default="none", choices=["none", "flip"], help="with --export: evaluate.py's default --tta for it")
+    a("--export_fp16", action="store_true", help="with --export: weights in fp16 (half the size; check the metrics)")
     return p
 
 
 def parse_args(argv):
     parser = get_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.list_models:
+    if pre.list_models or pre.export:
         return pre
     if pre.resume:  # a resumed run continues with the arguments it was started with
         ckpt = load_checkpoint(pre.resume)
@@ -199,9 +210,28 @@ def make_optimizer(args, model):
     return opt_cls(groups, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def make_scheduler(args, optimizer, steps_per_epoch):
+def one_cycle_factor(progress, pct_start=0.3, div=25.0, final_div=1e4):
+    """OneCycleLR's shape (cosine up from lr/div for pct_start, cosine down to lr/(div*final_div)) at progress in [0, 1]."""
+    progress = min(max(progress, 0.0), 1.0)
+    cos = lambda a, b, t: b + (a - b) * (1 + math.cos(math.pi * t)) / 2
+    if progress < pct_start:
+        return cos(1 / div, 1.0, progress / pct_start)
+    return cos(1.0, 1 / (div * final_div), (progress - pct_start) / (1 - pct_start))
+
+
+def budget_used(clock, budget_min):
+    """Fraction of the time budget used: the seconds trained so far plus the step under way (clock['since'] onwards).
+    Under torchrun every process must agree, so there it counts finished steps only (clock['live'] False)."""
+    return (clock["seconds"] + (time.time() - clock["since"] if clock["live"] else 0.0)) / (60 * budget_min)
+
+
+def make_scheduler(args, optimizer, steps_per_epoch, clock=None):
+    """Per-step LR schedule. With --time_budget, onecycle and cosine follow the clock (budget_used), not the step count."""
     total = max(1, steps_per_epoch * args.max_epochs)
     lrs = [g["lr"] for g in optimizer.param_groups]
+    if args.time_budget and args.scheduler in ("onecycle", "cosine"):
+        shape = one_cycle_factor if args.scheduler == "onecycle" else (lambda p: (1 + math.cos(math.pi * min(p, 1.0))) / 2)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: shape(budget_used(clock, args.time_budget)))
     if args.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total)
     if args.scheduler == "cyclic":  # the ResNet-34 report: base 1e-3, max 5e-3, up 1000, down 2000 steps
@@ -219,6 +249,19 @@ def apply_freeze(model, what):
     for name, p in model.encoder.named_parameters():
         if what == "encoder" or name.split(".")[0] in stem:
             p.requires_grad_(False)
+
+
+def ema_update(ema_net, net, decay, step):
+    """ema <- ema + (1 - d) * (weights - ema), d = min(decay, (1 + step) / (10 + step)) (a short warm-up); buffers too."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        ema_t, raw_t = [], []
+        for e, r in zip(ema_net.state_dict().values(), net.state_dict().values()):
+            if e.is_floating_point():
+                ema_t.append(e); raw_t.append(r)
+            else:
+                e.copy_(r)
+        torch._foreach_lerp_(ema_t, raw_t, 1.0 - d)
 
 
 def train_step(model, input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler, amp_dtype, channels_last, augment=None):
@@ -249,12 +292,15 @@ def train_step(model, input_size, rgb, depth_m, loss_fn, optimizer, scheduler, s
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 
-def checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done):
+def checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done, ema_net=None):
+    """state_dict: the weights evaluation uses (the average with --ema); train_state_dict: the raw weights (--ema only)."""
     import timm
     import torchvision
+    weights = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}
     return {
         "model": dict(net.config), "input_size": list(net.input_size) if net.input_size else None,
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "state_dict": weights(ema_net if ema_net is not None else net),
+        "train_state_dict": weights(net) if ema_net is not None else None,
         "epoch": epoch, "step": step, "epoch_done": epoch_done,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
@@ -303,7 +349,7 @@ def train(args):
     # data
     data_dir, synthetic = resolve_data_dir(args, rank)
     if args.max_epochs is None:
-        args.max_epochs = SYNTHETIC["max_epochs"] if synthetic else MAX_EPOCHS
+        args.max_epochs = 10 ** 6 if args.time_budget else SYNTHETIC["max_epochs"] if synthetic else MAX_EPOCHS
     n_train = len(ds_lib.find_pairs(data_dir, "train")[0])
     cache = args.cache == "on" or (args.cache == "auto" and fits_in_ram(n_train))
     train_set = ds_lib.DepthDataset(data_dir, split="train", cache=cache, progress=main_proc)
@@ -322,7 +368,7 @@ def train(args):
     # model, optimisation
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.resume)
+        net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], args.resume)
     else:
         net = model_lib.build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
                                     encoder_weights=args.encoder_weights, head=args.head)
@@ -330,8 +376,13 @@ def train(args):
     net.to(device)
     if channels_last:
         net.to(memory_format=torch.channels_last)
+    ema_net = copy.deepcopy(net).eval().requires_grad_(False) if args.ema > 0 else None
+    if ema_net is not None and ckpt is not None and ckpt.get("train_state_dict"):  # checked like the raw weights
+        ema_net.load_state_dict(model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.resume).state_dict())
+    eval_net = ema_net if ema_net is not None else net  # what evaluation, figures and best.pth use
+    clock = {"seconds": float(ckpt.get("train_seconds", 0.0)) if ckpt is not None else 0.0, "since": time.time(), "live": world == 1}
     optimizer = make_optimizer(args, net)
-    scheduler = make_scheduler(args, optimizer, steps_per_epoch)
+    scheduler = make_scheduler(args, optimizer, steps_per_epoch, clock)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = build_loss(args.loss)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
@@ -360,7 +411,9 @@ def train(args):
     n_params = sum(p.numel() for p in net.parameters())
     log(f"model {args.model} ({n_params / 1e6:.2f} M parameters, head {net.config.get('head')}), loss {loss_fn.spec}, "
         f"{args.optimizer} lr {args.lr:g} (encoder {args.encoder_lr if args.encoder_lr is not None else args.lr:g}), "
-        f"scheduler {args.scheduler}, run folder {run_dir}")
+        f"scheduler {args.scheduler}" + ((f" over a {args.time_budget:g}-minute budget" if args.scheduler in ("onecycle", "cosine")
+                                          else f", stopping after {args.time_budget:g} minutes") if args.time_budget else "")
+        + (f", EMA {args.ema:g}" if ema_net is not None else "") + f", run folder {run_dir}")
 
     # fixed evaluation sets: all of val (sharded over processes), evenly spaced train frames, 3 figure frames
     val_idx = list(range(len(val_set)))[rank::world]
@@ -369,8 +422,8 @@ def train(args):
     fig_idx = sorted({0, len(val_set) // 2, len(val_set) - 1})
     eval_bs = max(args.batch_size, 16)
 
-    def split_metrics(split_set, idx):
-        total = evaluate_batches(net, eval_batches(split_set, idx, eval_bs), device, amp_dtype, channels_last)
+    def split_metrics(split_set, idx, which=None):
+        total = evaluate_batches(which or eval_net, eval_batches(split_set, idx, eval_bs), device, amp_dtype, channels_last)
         if world > 1:
             keys = sorted(total)
             t = torch.tensor([total[k] for k in keys], dtype=torch.float64, device=device)
@@ -381,15 +434,15 @@ def train(args):
     def figures(tag):
         if not main_proc:
             return
-        was = net.training
-        net.eval()
+        was = eval_net.training
+        eval_net.eval()
         with torch.inference_mode():
             for i in fig_idx:
                 rgb, depth = val_set[i]
-                pred = predict_depth(net, rgb[None].to(device), depth.shape[-2:], amp_dtype=amp_dtype, channels_last=channels_last)
+                pred = predict_depth(eval_net, rgb[None].to(device), depth.shape[-2:], amp_dtype=amp_dtype, channels_last=channels_last)
                 visualize_img(rgb, depth, pred[0].cpu(), os.path.join(run_dir, "figures", f"{tag}_val{val_set.names[i]}.png"),
                               title=f"{args.model} {tag}, val frame {val_set.names[i]}")
-        net.train(was)
+        eval_net.train(was)
 
     def kept():
         last = os.path.join(run_dir, "last.pth")
@@ -401,8 +454,8 @@ def train(args):
             raise FloatingPointError(f"weights hold NaN/inf (e.g. {bad[0]}) after step {step} (epoch {epoch}); stopping. {kept()}")
         if not main_proc:
             return
-        state = checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done)
-        state["in_epoch"] = in_epoch
+        state = checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done, ema_net)
+        state["in_epoch"], state["train_seconds"] = in_epoch, clock["seconds"]
         for name in path_names:
             try:
                 save_checkpoint(os.path.join(run_dir, name), state)
@@ -446,22 +499,34 @@ def train(args):
                 torch.set_rng_state(resume_in_epoch["torch_rng"])
                 resume_in_epoch = None
             bar = tqdm(batches_of(train_set, stacked, indices[skip * args.batch_size:], args.batch_size, device, args.workers),
-                       total=steps_per_epoch, initial=skip, desc=f"epoch {epoch + 1}/{args.max_epochs}", disable=not main_proc,
-                       dynamic_ncols=True)
-            t0, n_timed, steps_done = time.time(), 0, skip
+                       total=steps_per_epoch, initial=skip, disable=not main_proc, dynamic_ncols=True,
+                       desc=f"epoch {epoch + 1}" + ("" if args.time_budget else f"/{args.max_epochs}"))
+            t0, n_timed, steps_done, out_of_time = time.time(), 0, skip, False
+            clock["since"] = t0
             for rgb, depth_m in bar:
                 try:
                     loss = train_step(step_fn_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler,
                                       amp_dtype, channels_last, augment=(flip, jitter, aug_gen) if args.augment != "none" else None)
                 except FloatingPointError as e:
                     raise FloatingPointError(f"{e} at step {step + 1} (epoch {epoch + 1}); stopping. {kept()}") from None
+                if ema_net is not None:
+                    ema_update(ema_net, net, args.ema, step)
                 step, steps_done = step + 1, steps_done + 1
+                now = time.time()
+                clock["seconds"], clock["since"] = clock["seconds"] + now - clock["since"], now
+                if world > 1 and args.time_budget:  # one clock for all processes: the slowest one's
+                    t = torch.tensor([clock["seconds"]], dtype=torch.float64, device=device)
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    clock["seconds"] = t.item()
+                out_of_time = bool(args.time_budget) and clock["seconds"] >= 60 * args.time_budget
                 loss_sum, n_seen, n_timed = loss_sum + loss.item() * rgb.shape[0], n_seen + rgb.shape[0], n_timed + rgb.shape[0]
                 if main_proc and step % 10 == 0:
                     bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", img_s=f"{n_timed * world / (time.time() - t0):.1f}",
                                     lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
                 if args.visualize_every and step % args.visualize_every == 0:
                     figures(f"step{step:06d}")
+                if out_of_time:
+                    break
                 if stop["signal"] is not None and steps_done < steps_per_epoch:
                     bar.close()
                     in_epoch = {"steps": steps_done, "loss_sum": loss_sum, "n_seen": n_seen,
@@ -470,20 +535,26 @@ def train(args):
                     log(f"\n{stop['signal']}: saved last.pth at step {step} (epoch {epoch + 1}, {steps_done}/{steps_per_epoch} steps); "
                         f"continue with: python main.py --resume {os.path.join(run_dir, 'last.pth')}")
                     return 130
+                clock["since"] = time.time()  # figures and the stop check are not training time
             bar.close()
             train_loss = loss_sum / max(1, n_seen)
             row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"],
-                   "images_per_s": n_timed * world / max(1e-9, time.time() - t0)}
+                   "images_per_s": n_timed * world / max(1e-9, time.time() - t0), "train_minutes": clock["seconds"] / 60}
             history.append(row)
-            if (epoch + 1) % args.evaluate_every == 0 or epoch + 1 == args.max_epochs:
+            if (epoch + 1) % args.evaluate_every == 0 or epoch + 1 == args.max_epochs or out_of_time:
                 te = split_metrics(train_set, train_eval_idx)
                 va = split_metrics(val_set, val_idx)
                 row.update({"train_rmse": te["rmse"], "train_ssim": te["ssim"]}, **{f"val_{k}": v for k, v in va.items()})
+                if ema_net is not None:  # the raw weights too, to show what the average adds
+                    raw = split_metrics(val_set, val_idx, net)
+                    row.update(val_raw_rmse=raw["rmse"], val_raw_ssim=raw["ssim"])
                 is_best = va["rmse"] < best["val_rmse"]
                 if is_best:
                     best = {"val_rmse": va["rmse"], "val_ssim": va["ssim"], "epoch": epoch + 1}
                 log(f"epoch {epoch + 1}: train loss {train_loss:.4f} | train RMSE {te['rmse']:.3f} SSIM {te['ssim']:.3f} "
-                    f"({n_te} frames) | val RMSE {va['rmse']:.3f} SSIM {va['ssim']:.3f} | {row['images_per_s']:.1f} img/s"
+                    f"({n_te} frames) | val RMSE {va['rmse']:.3f} SSIM {va['ssim']:.3f}"
+                    + (f" (raw weights {row['val_raw_rmse']:.3f} / {row['val_raw_ssim']:.3f})" if ema_net is not None else "")
+                    + f" | {row['images_per_s']:.1f} img/s"
                     + (" | new best val RMSE: best.pth" if is_best else f" | best val RMSE {best['val_rmse']:.3f} (epoch {best['epoch']})"))
                 if main_proc:
                     write_metrics(run_dir, history)
@@ -494,6 +565,9 @@ def train(args):
                     prune_epoch_files(run_dir, args.keep)
             else:
                 save(["last.pth"], epoch + 1, epoch + 1)
+            if out_of_time:
+                log(f"time budget of {args.time_budget:g} minutes used up in epoch {epoch + 1} (step {step})")
+                break
             if stop["signal"] is not None or (args.stop_after_epochs is not None and args.stop_after_epochs <= epoch + 1 < args.max_epochs):
                 log(f"stopped after epoch {epoch + 1}; continue with: python main.py --resume {os.path.join(run_dir, 'last.pth')}")
                 return 130 if stop["signal"] else 0
@@ -536,6 +610,10 @@ def main(argv=None):
         args = parse_args(argv)
         if args.list_models:
             print("\n".join(model_lib.list_models()))
+            return 0
+        if args.export:
+            out = export_checkpoint(*args.export, half=args.export_fp16, tta=None if args.export_tta == "none" else args.export_tta)
+            print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, {'fp16' if args.export_fp16 else 'fp32'} weights)")
             return 0
         try:
             build_loss(args.loss)  # a malformed spec fails before any data is read

@@ -36,16 +36,22 @@ def gaussian_window(size=11, sigma=1.5, channels=1, device=None, dtype=torch.flo
 
 
 def ssim_map(pred, gt, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
-    """Per-pixel SSIM of two [B, C, H, W] maps (metres), same shape as the inputs."""
+    """Per-pixel SSIM of two [B, C, H, W] maps (metres), same shape as the inputs.
+
+    The 11x11 Gaussian is separable, so the five local means are one grouped 11x1 conv and one 1x11 conv
+    over the stacked maps (exactly the 2-D window with zero padding, 2.6x fewer multiply-adds)."""
     if pred.shape != gt.shape or pred.dim() != 4:
         raise ValueError(f"ssim needs two [B,C,H,W] tensors of one shape, got {tuple(pred.shape)} and {tuple(gt.shape)}")
-    channels = pred.shape[1]
-    w = gaussian_window(size, sigma, channels, pred.device, pred.dtype)
-    conv = lambda x: F.conv2d(x, w, padding=size // 2, groups=channels)
-    mu_p, mu_g = conv(pred), conv(gt)
-    var_p = conv(pred * pred) - mu_p ** 2
-    var_g = conv(gt * gt) - mu_g ** 2
-    cov = conv(pred * gt) - mu_p * mu_g
+    n_maps = 5 * pred.shape[1]
+    g = gaussian_window(size, sigma, 1, pred.device, torch.float64)[0, 0].sum(0)  # the 1-D Gaussian
+    g = g.to(pred.dtype)
+    maps = torch.cat([pred, gt, pred * pred, gt * gt, pred * gt], dim=1)
+    maps = F.conv2d(maps, g.view(1, 1, size, 1).expand(n_maps, 1, size, 1), padding=(size // 2, 0), groups=n_maps)
+    maps = F.conv2d(maps, g.view(1, 1, 1, size).expand(n_maps, 1, 1, size), padding=(0, size // 2), groups=n_maps)
+    mu_p, mu_g, e_pp, e_gg, e_pg = maps.chunk(5, dim=1)
+    var_p = e_pp - mu_p ** 2
+    var_g = e_gg - mu_g ** 2
+    cov = e_pg - mu_p * mu_g
     num = (2 * mu_p * mu_g + c1) * (2 * cov + c2)
     den = (mu_p ** 2 + mu_g ** 2 + c1) * (var_p + var_g + c2)
     return num / den
@@ -269,6 +275,22 @@ def load_checkpoint(path, map_location="cpu"):
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
     return obj
+
+
+def export_checkpoint(src, dst, half=False, tta=None):
+    """A shippable copy of a training checkpoint: the evaluated weights (fp16 with half=True) and the run's record
+    (args, history, best), without optimizer or resume state. Never overwrites dst. tta: the test-time augmentation
+    evaluate.py applies by default to this checkpoint ("flip" or None)."""
+    ckpt = load_checkpoint(src)
+    if not isinstance(ckpt.get("model"), dict) or not is_state_dict(ckpt.get("state_dict")):
+        raise UserError(f"{src}: not a main.py checkpoint (no model description and state dict)")
+    if os.path.exists(dst):
+        raise UserError(f"{dst}: exists; export writes a new file only (move the old one away first)")
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    slim = {k: ckpt[k] for k in ("model", "input_size", "epoch", "step", "best", "args", "history", "versions", "train_seconds")
+            if k in ckpt}
+    save_checkpoint(dst, dict(slim, state_dict=state, exported_from=os.path.basename(src), tta=tta))
+    return dst
 
 
 def is_state_dict(obj):

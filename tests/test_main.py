@@ -61,6 +61,11 @@ def test_checkpoint_reloads_weights_only_into_the_right_model(two_epoch_run, syn
     best_row = [r for r in rows if int(r["epoch"]) == ckpt["best"]["epoch"]][0]
     assert m["rmse"] == pytest.approx(float(best_row["val_rmse"]), abs=1e-6)
     assert m["ssim"] == pytest.approx(float(best_row["val_ssim"]), abs=1e-6)
+    # state_dict is the weight average (EMA); the raw weights ride along for resuming and score val_raw_*
+    assert any(not torch.equal(ckpt["state_dict"][k], ckpt["train_state_dict"][k]) for k in ckpt["state_dict"])
+    net.load_state_dict(ckpt["train_state_dict"])
+    raw = summarize(evaluate_batches(net, batches, "cpu", channels_last=True))
+    assert raw["rmse"] == pytest.approx(float(best_row["val_raw_rmse"]), abs=1e-6)
 
 
 def test_resume_equals_uninterrupted(synthetic_root, tmp_path):
@@ -76,6 +81,44 @@ def test_resume_equals_uninterrupted(synthetic_root, tmp_path):
     wa = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["state_dict"]
     wb = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["state_dict"]
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+    ra = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["train_state_dict"]
+    rb = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["train_state_dict"]
+    assert all(torch.allclose(ra[k].float(), rb[k].float(), atol=1e-6) for k in ra)
+
+
+def test_ema_update_is_the_running_average():
+    net, ema = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        net.weight.fill_(2.0); ema.weight.fill_(1.0)
+        net.running_mean.fill_(4.0); ema.running_mean.fill_(0.0)
+    net.num_batches_tracked.fill_(7)
+    main_mod.ema_update(ema, net, decay=0.9, step=1000)  # past the warm-up: d = 0.9
+    assert torch.allclose(ema.weight, torch.full((3,), 0.9 * 1.0 + 0.1 * 2.0))
+    assert torch.allclose(ema.running_mean, torch.full((3,), 0.4)) and int(ema.num_batches_tracked) == 7
+    main_mod.ema_update(ema, net, decay=0.9, step=0)  # warm-up: d = min(0.9, 1/10) = 0.1
+    assert torch.allclose(ema.weight, torch.full((3,), 0.1 * 1.1 + 0.9 * 2.0))
+
+
+def test_clock_one_cycle_is_torchs_onecycle():
+    """The time-budget schedule has OneCycleLR's shape: compare with torch's at the same fraction of the run."""
+    n = 20001
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=n, cycle_momentum=False)
+    for k in range(n):
+        if k % 1000 == 0 or k == n - 1:
+            assert opt.param_groups[0]["lr"] == pytest.approx(main_mod.one_cycle_factor(k / (n - 1)), rel=2e-3, abs=1e-8)
+        opt.step(); sched.step()
+    assert main_mod.one_cycle_factor(0.3) == 1.0 and main_mod.one_cycle_factor(2.0) == pytest.approx(1 / 25 / 1e4)
+
+
+def test_time_budget_stops_on_time_and_anneals(synthetic_root, tmp_path):
+    budget_min = 1e-4  # 6 ms: used up by the first step, whatever this machine's speed
+    assert main_mod.main(["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--ckpt_name", "t",
+                          "--time_budget", str(budget_min)] + FAST) == 0
+    rows = read_csv(tmp_path / "t" / "metrics.csv")
+    assert len(rows) == 1 and rows[0]["step"] == "1" and float(rows[0]["train_minutes"]) >= budget_min
+    assert float(rows[0]["lr"]) == pytest.approx(1e-3 / 25 / 1e4) and rows[0]["val_rmse"]  # annealed, then evaluated
+    assert load_checkpoint(tmp_path / "t" / "best.pth")["train_seconds"] >= 60 * budget_min
 
 
 def test_recipes_set_what_the_reports_say(capsys):
@@ -123,3 +166,36 @@ def test_torchrun_two_gloo_processes(synthetic_root, tmp_path):
     assert len(rows) == 1 and float(rows[0]["val_rmse"]) > 0
     ckpt = load_checkpoint(tmp_path / "ddp" / "best.pth")
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    # a time budget under torchrun: both processes stop at the same step (else the collectives would hang)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+                        os.path.join(ROOT, "main.py"), "--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path),
+                        "--ckpt_name", "ddp_budget", "--time_budget", "0.01"] + FAST, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = read_csv(tmp_path / "ddp_budget" / "metrics.csv")
+    assert float(rows[-1]["train_minutes"]) >= 0.01 and rows[-1]["val_rmse"] and "time budget of 0.01 minutes" in r.stdout
+
+
+def test_export_ships_the_weights_and_the_tta_it_names(two_epoch_run, synthetic_root, tmp_path):
+    import json
+    import evaluate
+    best, out, out_flip = os.path.join(two_epoch_run, "best.pth"), tmp_path / "ship.pth", tmp_path / "ship_flip.pth"
+    assert main_mod.main(["--export", best, str(out), "--export_fp16"]) == 0
+    assert main_mod.main(["--export", best, str(out_flip), "--export_tta", "flip"]) == 0
+    shipped, full_precision = load_checkpoint(out), load_checkpoint(out_flip)
+    assert "optimizer" not in shipped and "train_state_dict" not in shipped and shipped["tta"] is None
+    assert all(v.dtype == torch.float16 for v in shipped["state_dict"].values() if v.is_floating_point())
+    trained = load_checkpoint(best)["state_dict"]
+    assert all(torch.equal(full_precision["state_dict"][k], trained[k]) for k in trained)  # fp32 export: the same weights
+    assert os.path.getsize(out) < 0.6 * os.path.getsize(best)
+    before = open(out, "rb").read()
+    assert main_mod.main(["--export", best, str(out)]) == 2 and open(out, "rb").read() == before  # never overwritten
+
+    def metrics(ckpt, *extra):
+        path = tmp_path / f"m{len(os.listdir(tmp_path))}.json"
+        assert evaluate.main(["--data", synthetic_root, "--ckpt", str(ckpt), "--amp", "none", "--out", str(path)] + list(extra)) == 0
+        return json.load(open(path))
+    full, half = metrics(best), metrics(out)
+    assert half["tta"] == "none" and half["rmse"] == pytest.approx(full["rmse"], abs=0.01)
+    flip_default, flip_asked = metrics(out_flip), metrics(best, "--tta", "flip")  # out_flip: fp32, the same weights
+    assert flip_default["tta"] == "flip" and flip_default["rmse"] == flip_asked["rmse"]
+    assert metrics(out_flip, "--tta", "none")["rmse"] == full["rmse"]  # the flag still wins
