@@ -66,7 +66,7 @@ def load_model(args, device):
                             f"(and --encoder/--head if not the defaults)")
         config = {"name": args.model, "encoder": args.encoder, "head": args.head}
     if args.tta is None:  # a shipped checkpoint names the test-time augmentation it was validated with
-        args.tta = ckpt.get("tta") if ckpt.get("tta") in ("flip",) else "none"
+        args.tta = "flip" if ckpt.get("tta") == "flip" else "none"
     if not is_state_dict(state):
         raise UserError(f"{args.ckpt}: its state_dict holds something other than tensors")
     net = model_from_checkpoint(config, state, args.ckpt)

@@ -27,12 +27,11 @@ class UserError(Exception):
 # ----------------------------------------------------------------------------------------------
 # SSIM: the course definition, exactly (11x11 Gaussian, sigma 1.5, zero padding, C1/C2 in metres)
 
-def gaussian_window(size=11, sigma=1.5, channels=1, device=None, dtype=torch.float32):
+def gaussian_1d(size=11, sigma=1.5):
+    """The normalised 1-D Gaussian (float64); the SSIM window is its outer product with itself."""
     x = torch.arange(size, dtype=torch.float64) - size // 2
     g = torch.exp(-(x ** 2) / (2 * sigma ** 2))
-    g = g / g.sum()
-    window = (g[:, None] @ g[None, :]).to(device=device, dtype=dtype)
-    return window.expand(channels, 1, size, size).contiguous()
+    return g / g.sum()
 
 
 def ssim_map(pred, gt, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
@@ -43,8 +42,7 @@ def ssim_map(pred, gt, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
     if pred.shape != gt.shape or pred.dim() != 4:
         raise ValueError(f"ssim needs two [B,C,H,W] tensors of one shape, got {tuple(pred.shape)} and {tuple(gt.shape)}")
     n_maps = 5 * pred.shape[1]
-    g = gaussian_window(size, sigma, 1, pred.device, torch.float64)[0, 0].sum(0)  # the 1-D Gaussian
-    g = g.to(pred.dtype)
+    g = gaussian_1d(size, sigma).to(device=pred.device, dtype=pred.dtype)
     maps = torch.cat([pred, gt, pred * pred, gt * gt, pred * gt], dim=1)
     maps = F.conv2d(maps, g.view(1, 1, size, 1).expand(n_maps, 1, size, 1), padding=(size // 2, 0), groups=n_maps)
     maps = F.conv2d(maps, g.view(1, 1, 1, size).expand(n_maps, 1, 1, size), padding=(0, size // 2), groups=n_maps)
