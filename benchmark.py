@@ -280,8 +280,8 @@ def run(args):
     margs = train_lib.get_parser().parse_args(["--model", args.model, "--batch_size", str(args.batch_size)])
     margs.max_epochs = 1
     loss_fn = build_loss(margs.loss)
-    augment = (("flip" in margs.augment, 0.2 if "jitter" in margs.augment else 0.0, torch.Generator().manual_seed(0))
-               if margs.augment != "none" else None)
+    augment = ds_lib.parse_augment(margs.augment)
+    augment = augment and dict(augment, generator=torch.Generator().manual_seed(0))
     total_steps = n_batches + 1  # + the step the FLOPs are counted on
     nets, train_fns, predict_fns = zip(make_path(margs, loss_fn, device, total_steps, amp_dtype, channels_last, args.compile, augment),
                                        make_path(margs, loss_fn, device, total_steps))

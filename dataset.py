@@ -8,6 +8,8 @@ Images may be .jpeg, .jpg or .png. Frames are paired by name and sorted numerica
 Items are (rgb, depth): rgb float32 [3,H,W] in [0,1]; depth float32 [1,H,W] metres clipped to
 [0, 20] (an empty tensor for image-only folders).
 """
+import copy
+import math
 import os
 import re
 
@@ -130,14 +132,108 @@ def resize_pair(rgb, depth, size):
     return rgb, depth
 
 
-def augment_batch(rgb, depth, flip=True, jitter=0.2, generator=None):
-    """Paired augmentation of a batch: horizontal flip of RGB and depth together; colour jitter on RGB.
+AUGMENTS = ("flip", "jitter", "geo", "photo", "cutout")
+JITTER = 0.2           # brightness, contrast and saturation factors drawn from [1 - JITTER, 1 + JITTER]
+GEO_ZOOM = 1.25        # geo: zoom drawn from [1, GEO_ZOOM] (at least what a roll needs to keep the frame filled)
+GEO_ROLL_DEG = 5.0     # geo: camera roll drawn from [-GEO_ROLL_DEG, GEO_ROLL_DEG] degrees
+PHOTO_GAMMA = 1.5      # photo: gamma drawn log-uniformly from [1 / PHOTO_GAMMA, PHOTO_GAMMA]
+PHOTO_HUE = 0.05       # photo: hue rotation drawn from [-PHOTO_HUE, PHOTO_HUE] turns
+PHOTO_BLUR = (0.5, 0.3, 1.2)   # photo: probability of a Gaussian blur, and its sigma range in pixels
+PHOTO_NOISE = 0.03     # photo: Gaussian noise sigma drawn from [0, PHOTO_NOISE]
+CUTOUT = (0.5, 0.1, 0.35)      # cutout: probability, and the side range of the grey box as a fraction of H and W
+
+
+def parse_augment(spec):
+    """'flip+jitter' -> the keyword options of `augment_batch` (no generator); 'none' -> None. ValueError if unknown."""
+    names = [] if spec == "none" else spec.split("+")
+    unknown = [n for n in names if n not in AUGMENTS]
+    if unknown or not names and spec != "none":
+        raise ValueError(f"unknown augmentation {'+'.join(unknown) or spec!r}; join any of {', '.join(AUGMENTS)} "
+                         f"with '+' (e.g. flip+jitter), or 'none'")
+    if not names:
+        return None
+    return {"flip": "flip" in names, "jitter": JITTER if "jitter" in names else 0.0, "geo": "geo" in names,
+            "photo": "photo" in names, "cutout": "cutout" in names}
+
+
+def zoom_roll(rgb, depth, rand):
+    """geo: a random zoom and camera roll, the same for RGB and depth, that keeps depth correct. A roll about the
+    optical axis leaves planar z-depth unchanged; a zoom by s shows what the same camera would see of the scene
+    with every depth divided by s (x = f X / Z), so depth is divided by s (pixels at the clip stay at the clip)."""
+    b, (h, w) = rgb.shape[0], rgb.shape[-2:]
+    roll = (rand(b) * 2 - 1) * math.radians(GEO_ROLL_DEG)
+    cos, sin = roll.cos(), roll.sin()
+    zoom = torch.maximum(1 + rand(b) * (GEO_ZOOM - 1), cos + (w / h) * sin.abs())  # no border may show
+    free_x = 1 - (cos + (h / w) * sin.abs()) / zoom  # how far the window's centre may move, in [-1, 1] units
+    free_y = 1 - (cos + (w / h) * sin.abs()) / zoom
+    shift = (rand(b, 2) * 2 - 1) * torch.stack([free_x, free_y], 1).clamp_min(0)
+    theta = torch.stack([torch.stack([cos / zoom, -sin / zoom * h / w, shift[:, 0]], 1),
+                         torch.stack([sin / zoom * w / h, cos / zoom, shift[:, 1]], 1)], 1).to(rgb.device)
+    grid = F.affine_grid(theta, list(rgb.shape), align_corners=False)
+    rgb = F.grid_sample(rgb, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if depth is not None and depth.numel():
+        depth = F.grid_sample(depth, grid.to(depth.dtype), mode="nearest", padding_mode="border", align_corners=False)
+        depth = torch.where(depth >= MAX_DEPTH, depth, depth / zoom.to(depth.device).view(b, 1, 1, 1))
+    return rgb, depth
+
+
+def gray_of(rgb):
+    return 0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]
+
+
+def photometric(rgb, rand, generator):
+    """photo: gamma, hue rotation, Gaussian blur (some images), Gaussian noise; per image, RGB only."""
+    b, dev = rgb.shape[0], rgb.device
+    gamma = PHOTO_GAMMA ** (rand(b) * 2 - 1)
+    rgb = rgb.clamp_min(1e-6) ** gamma.view(b, 1, 1, 1)
+    angle = (rand(b) * 2 - 1) * PHOTO_HUE * 2 * math.pi  # rotate the chroma plane of YIQ
+    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=dev)
+    c, s = angle.cos(), angle.sin()
+    one, zero = torch.ones_like(c), torch.zeros_like(c)
+    rot = torch.stack([torch.stack([one, zero, zero], 1), torch.stack([zero, c, -s], 1),
+                       torch.stack([zero, s, c], 1)], 1)
+    mix = torch.linalg.inv(yiq) @ rot @ yiq  # [B, 3, 3]
+    rgb = torch.einsum("bij,bjhw->bihw", mix, rgb)
+    p_blur, s_lo, s_hi = PHOTO_BLUR
+    sigma = torch.where(rand(b) < p_blur, s_lo + rand(b) * (s_hi - s_lo), torch.zeros(b, device=dev))
+    if (sigma > 0).any():
+        x = torch.arange(-3, 4, dtype=rgb.dtype, device=dev)
+        k = torch.exp(-x ** 2 / (2 * sigma.clamp_min(1e-3).view(b, 1) ** 2))
+        k = torch.where((sigma > 0).view(b, 1), k, (x == 0).to(rgb.dtype).expand(b, 7))  # sigma 0: identity
+        k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)  # one kernel per image and channel
+        y = F.conv2d(rgb.reshape(1, b * 3, *rgb.shape[-2:]), k.view(b * 3, 1, 7, 1), padding=(3, 0), groups=b * 3)
+        y = F.conv2d(y, k.view(b * 3, 1, 1, 7), padding=(0, 3), groups=b * 3)
+        rgb = y.view_as(rgb)
+    noise = torch.randn(rgb.shape, generator=generator).to(dev) * (rand(b) * PHOTO_NOISE).view(b, 1, 1, 1)
+    return (rgb + noise).clamp(0, 1)
+
+
+def cut_out(rgb, rand):
+    """cutout: with probability CUTOUT[0], one box of each image (sides a random fraction of H and W) set to the
+    image's mean colour; depth is kept, so the model has to infer the hidden part from its surroundings."""
+    b, (h, w) = rgb.shape[0], rgb.shape[-2:]
+    p, lo, hi = CUTOUT
+    keep, size, corner = rand(b) >= p, lo + rand(b, 2) * (hi - lo), rand(b, 2)
+    bh, bw = (size[:, 0] * h).round(), (size[:, 1] * w).round()
+    y0, x0 = (corner[:, 0] * (h - bh)).round(), (corner[:, 1] * (w - bw)).round()
+    ys = torch.arange(h).view(1, h, 1)
+    xs = torch.arange(w).view(1, 1, w)
+    box = ((ys >= y0.view(b, 1, 1)) & (ys < (y0 + bh).view(b, 1, 1)) & (xs >= x0.view(b, 1, 1))
+           & (xs < (x0 + bw).view(b, 1, 1)) & ~keep.view(b, 1, 1))
+    return torch.where(box[:, None].to(rgb.device), rgb.mean((2, 3), keepdim=True), rgb)
+
+
+def augment_batch(rgb, depth, flip=True, jitter=JITTER, geo=False, photo=False, cutout=False, generator=None):
+    """Paired augmentation of a batch (see `parse_augment` for the names): geo (zoom + roll of both, depth kept
+    correct), horizontal flip of RGB and depth together, colour jitter, photometric and cutout on RGB only.
 
     rgb [B,3,H,W] float in [0,1], depth [B,1,H,W]; runs on whatever device the tensors are on.
     jitter: brightness, contrast and saturation factors drawn from [1-j, 1+j] per image.
     """
     b, dev = rgb.shape[0], rgb.device
     rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
+    if geo:
+        rgb, depth = zoom_roll(rgb, depth, rand)
     if flip:
         flip_mask = (rand(b) < 0.5).view(b, 1, 1, 1)
         rgb = torch.where(flip_mask, rgb.flip(-1), rgb)
@@ -147,17 +243,40 @@ def augment_batch(rgb, depth, flip=True, jitter=0.2, generator=None):
         factors = 1.0 + (rand(b, 3) * 2 - 1) * jitter  # brightness, contrast, saturation
         brightness, contrast, saturation = (factors[:, i].view(b, 1, 1, 1) for i in range(3))
         rgb = rgb * brightness
-        gray = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+        gray = gray_of(rgb)
         rgb = (rgb - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
-        gray = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3])
+        gray = gray_of(rgb)
         rgb = ((rgb - gray) * saturation + gray).clamp(0, 1)
+    if photo:
+        rgb = photometric(rgb, rand, generator)
+    if cutout:
+        rgb = cut_out(rgb, rand)
     return rgb, depth
+
+
+def block_folds(n_frames, n_folds, guard):
+    """Block cross-validation over frames 0..n_frames-1 in sequence order: a list of n_folds pairs
+    (train indices, held-out indices). Fold k holds out the k-th of n_folds contiguous blocks (sizes differ by at
+    most one frame) and trains on every other frame except `guard` frames on each side of the held-out block
+    (neighbouring frames are near duplicates, so they would leak the held-out block into training)."""
+    if n_folds < 2 or guard < 0:
+        raise UserError(f"block cross-validation needs at least 2 folds and a guard of 0 or more frames, "
+                        f"got {n_folds} folds, guard {guard}")
+    edges = [round(k * n_frames / n_folds) for k in range(n_folds + 1)]
+    folds = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        train = [i for i in range(n_frames) if i < lo - guard or i >= hi + guard]
+        if hi == lo or not train:
+            raise UserError(f"{n_frames} frames are too few for {n_folds} folds with a guard of {guard} frames")
+        folds.append((train, list(range(lo, hi))))
+    return folds
 
 
 class DepthDataset(Dataset):
     """(rgb, depth) items of one split; see the module docstring for layouts and conventions.
 
-    cache=True decodes every frame once (uint8 RGB; float16 depth where lossless, else float32) so later
+    split may be a list of splits: their frames one after another, in the order given (block cross-validation
+    joins train and val this way). cache=True decodes every frame once (uint8 RGB; float16 depth where lossless, else float32) so later
     epochs cost no decoding;
     it also checks every file up front. skip_bad=True checks every file up front and drops the bad
     ones, listing them in `.skipped` as (file, reason), instead of stopping at the first.
@@ -169,8 +288,11 @@ class DepthDataset(Dataset):
         if split is None:
             split = {True: self.TRAIN, False: self.VAL, None: None}.get(train, train)
         self.data_dir, self.split, self.size, self.augment = os.fspath(data_dir), split, size, augment
-        self.names, self.rgb_paths, self.depth_paths = find_pairs(self.data_dir, split)
-        self.has_depth = self.depth_paths is not None
+        parts = [find_pairs(self.data_dir, s) for s in (split if isinstance(split, (list, tuple)) else [split])]
+        self.names = [n for names, _, _ in parts for n in names]
+        self.rgb_paths = [p for _, paths, _ in parts for p in paths]
+        self.has_depth = all(depths is not None for _, _, depths in parts)
+        self.depth_paths = [p for _, _, depths in parts for p in depths] if self.has_depth else None
         self.skipped, self.cache = [], None
         if cache or skip_bad:
             self._check_all(keep=cache, skip_bad=skip_bad, progress=progress)
@@ -181,7 +303,7 @@ class DepthDataset(Dataset):
         from tqdm import tqdm
         names, rgb_paths, depth_paths, cache = [], [], [], []
         items = range(len(self.names))
-        for i in tqdm(items, desc=f"reading {self.split or os.path.basename(self.data_dir)}", disable=not progress, leave=False):
+        for i in tqdm(items, desc=f"reading {self.split_name()}", disable=not progress, leave=False):
             try:
                 rgb_u8, depth_f = self._read(i)
             except UserError as e:
@@ -203,6 +325,11 @@ class DepthDataset(Dataset):
         self.names, self.rgb_paths = names, rgb_paths
         self.depth_paths = depth_paths if self.has_depth else None
         self.cache = cache if keep else None
+
+    def split_name(self):
+        if isinstance(self.split, (list, tuple)):
+            return "+".join(self.split)
+        return self.split or os.path.basename(self.data_dir)
 
     def _read(self, i):
         rgb_u8 = load_rgb_uint8(self.rgb_paths[i])
@@ -233,6 +360,15 @@ class DepthDataset(Dataset):
         if self.augment:
             rgb_b, depth_b = augment_batch(rgb_b, depth_b)
         return rgb_b[0], (depth_b[0] if depth_b is not None else torch.empty(0))
+
+    def subset(self, indices):
+        """A dataset of the frames at `indices` (in that order), sharing this one's cache."""
+        sub = copy.copy(self)
+        sub.names = [self.names[i] for i in indices]
+        sub.rgb_paths = [self.rgb_paths[i] for i in indices]
+        sub.depth_paths = [self.depth_paths[i] for i in indices] if self.has_depth else None
+        sub.cache = [self.cache[i] for i in indices] if self.cache is not None else None
+        return sub
 
     def stacked(self):
         """All cached frames as two tensors (uint8 [N,3,H,W], depth [N,1,H,W] or None); needs cache=True

@@ -12,6 +12,7 @@ figures of fixed val images, last.pth and (on a new best val RMSE) best.pth in t
 import argparse
 import copy
 import csv
+import json
 import math
 import os
 import signal
@@ -49,6 +50,8 @@ VISUALIZE_EVERY = 500          # steps
 AUGMENT = "flip+jitter"        # none, flip, jitter, flip+jitter
 TRAIN_EVAL_FRAMES = 500        # train-split metrics on this many evenly spaced frames (0 = all)
 KEEP = 2                       # epoch checkpoints kept besides best.pth and last.pth
+FOLDS = 0                      # block cross-validation over train+val in frame order (0: train on train, score on val)
+GUARD = 50                     # frames dropped from training on each side of a held-out block (near duplicates)
 SEED = 0
 
 RECIPES = {  # the two reports' configurations, as the reports give them
@@ -85,7 +88,7 @@ def get_parser():
     a("--ema", type=float, default=EMA, help="decay of the per-step weight average (0: off)")
     a("--evaluate_every", type=int, default=EVALUATE_EVERY)
     a("--visualize_every", type=int, default=VISUALIZE_EVERY)
-    a("--augment", default=AUGMENT, choices=["none", "flip", "jitter", "flip+jitter"])
+    a("--augment", default=AUGMENT, help=f"'none' or '+'-joined: {', '.join(ds_lib.AUGMENTS)} (dataset.py)")
     a("--freeze", default="none", choices=["none", "stem", "encoder"], help="encoder parts kept frozen")
     a("--train_eval_frames", type=int, default=TRAIN_EVAL_FRAMES)
     a("--ckpt_dir", default="runs")
@@ -101,6 +104,10 @@ def get_parser():
     a("--compile", action="store_true")
     a("--device", default=None)
     a("--recipe", default=None, choices=sorted(RECIPES))
+    a("--folds", type=int, default=FOLDS, help="block cross-validation: train+val frames in order, cut into this many "
+                                               "contiguous blocks; runs every fold and writes cv.csv / cv.md (0: off)")
+    a("--fold", type=int, default=None, help="with --folds: run only this fold (1..folds), holding out block FOLD")
+    a("--guard", type=int, default=GUARD, help="with --folds: frames dropped from training on each side of the held-out block")
     a("--list-models", "--list_models", dest="list_models", action="store_true")
     a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
       help="write a shippable copy of a checkpoint (evaluated weights and the run's record, no optimizer state) and exit")
@@ -154,6 +161,19 @@ def resolve_data_dir(args, rank):
     if dist.is_initialized():
         dist.barrier()
     return folder, True
+
+
+def load_splits(args, data_dir, main_proc):
+    """(train set, val set, cached?): the train and val splits, or with --folds the fold's part of train+val."""
+    splits = ["train", "val"] if args.folds else ["train"]
+    n_frames = sum(len(ds_lib.find_pairs(data_dir, s)[0]) for s in splits)
+    cache = args.cache == "on" or (args.cache == "auto" and fits_in_ram(n_frames))
+    if not args.folds:
+        train_set = ds_lib.DepthDataset(data_dir, split="train", cache=cache, progress=main_proc)
+        return train_set, ds_lib.DepthDataset(data_dir, split="val", cache=cache, progress=main_proc), cache
+    frames = ds_lib.DepthDataset(data_dir, split=splits, cache=cache, progress=main_proc)
+    train_idx, held_idx = ds_lib.block_folds(len(frames), args.folds, args.guard)[args.fold - 1]
+    return frames.subset(train_idx), frames.subset(held_idx), cache
 
 
 def fits_in_ram(n_frames, hw=(144, 256)):
@@ -266,9 +286,9 @@ def ema_update(ema_net, net, decay, step):
 
 def train_step(model, input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler, amp_dtype, channels_last, augment=None):
     """One optimisation step on a batch already on the device; returns the loss (a tensor, no host sync
-    beyond the finiteness check). augment: (flip, jitter, generator) or None."""
+    beyond the finiteness check). augment: keyword options of dataset.augment_batch (generator included) or None."""
     if augment is not None:
-        rgb, depth_m = ds_lib.augment_batch(rgb, depth_m, flip=augment[0], jitter=augment[1], generator=augment[2])
+        rgb, depth_m = ds_lib.augment_batch(rgb, depth_m, **augment)
     if input_size:
         rgb = F.interpolate(rgb, size=tuple(input_size), mode="bilinear", align_corners=False, antialias=True)
     if channels_last:
@@ -350,10 +370,7 @@ def train(args):
     data_dir, synthetic = resolve_data_dir(args, rank)
     if args.max_epochs is None:
         args.max_epochs = 10 ** 6 if args.time_budget else SYNTHETIC["max_epochs"] if synthetic else MAX_EPOCHS
-    n_train = len(ds_lib.find_pairs(data_dir, "train")[0])
-    cache = args.cache == "on" or (args.cache == "auto" and fits_in_ram(n_train))
-    train_set = ds_lib.DepthDataset(data_dir, split="train", cache=cache, progress=main_proc)
-    val_set = ds_lib.DepthDataset(data_dir, split="val", cache=cache, progress=main_proc)
+    train_set, val_set, cache = load_splits(args, data_dir, main_proc)
     if not train_set.has_depth or not val_set.has_depth:
         raise UserError(f"{data_dir}: training needs depth maps for train and val (found images only)")
     stacked = train_set.stacked() if cache else None
@@ -362,7 +379,9 @@ def train(args):
     steps_per_epoch = len(epoch_order(len(train_set), 0, 0, rank, world)) // args.batch_size
     if steps_per_epoch == 0:
         raise UserError(f"{data_dir}: {len(train_set)} training frames are fewer than one batch per process ({args.batch_size})")
-    log(f"data {data_dir}: {len(train_set)} train / {len(val_set)} val frames, cache {'on' if cache else 'off'}, "
+    log(f"data {data_dir}: {len(train_set)} train / {len(val_set)} val frames"
+        + (f" (fold {args.fold}/{args.folds}: held-out frames {val_set.names[0]}..{val_set.names[-1]}, guard {args.guard})"
+           if args.folds else "") + f", cache {'on' if cache else 'off'}, "
         f"{steps_per_epoch} steps/epoch of batch {args.batch_size}")
 
     # model, optimisation
@@ -463,7 +482,7 @@ def train(args):
                 raise UserError(f"{os.path.join(run_dir, name)}: could not write checkpoint ({e.strerror or e}); "
                                 f"the previous file is intact") from None
 
-    flip, jitter = "flip" in args.augment, 0.2 if "jitter" in args.augment else 0.0
+    augment = ds_lib.parse_augment(args.augment)
     stop = {"signal": None}  # Ctrl-C / SIGTERM: finish the current step, save last.pth, exit cleanly
 
     def request_stop(signum, _frame):
@@ -506,7 +525,7 @@ def train(args):
             for rgb, depth_m in bar:
                 try:
                     loss = train_step(step_fn_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler,
-                                      amp_dtype, channels_last, augment=(flip, jitter, aug_gen) if args.augment != "none" else None)
+                                      amp_dtype, channels_last, augment=augment and dict(augment, generator=aug_gen))
                 except FloatingPointError as e:
                     raise FloatingPointError(f"{e} at step {step + 1} (epoch {epoch + 1}); stopping. {kept()}") from None
                 if ema_net is not None:
@@ -579,12 +598,21 @@ def train(args):
             signal.signal(s, handler)
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+    if main_proc and args.folds:  # the fold's result is its last evaluation: nothing is selected on the held-out block
+        last = history[-1]
+        result = {"fold": args.fold, "folds": args.folds, "guard": args.guard, "held_out": [val_set.names[0], val_set.names[-1]],
+                  "n_train": len(train_set), "n_held_out": len(val_set), "epochs": last["epoch"],
+                  "train_minutes": last["train_minutes"], "rmse": last["val_rmse"], "ssim": last["val_ssim"],
+                  **{k: v for k, v in last.items() if k.startswith("val_")}}
+        atomic_write(os.path.join(run_dir, "result.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+        log(f"fold {args.fold}/{args.folds} done: held-out RMSE {last['val_rmse']:.4f} SSIM {last['val_ssim']:.4f} "
+            f"(last evaluation) -> {run_dir}/result.json")
     if main_proc and best["epoch"] is not None:
         log(f"done: best val RMSE {best['val_rmse']:.4f} SSIM {best['val_ssim']:.4f} at epoch {best['epoch']} -> {run_dir}/best.pth")
     return 0
 
 
-def write_metrics(run_dir, history):
+def write_metrics(run_dir, history, name="metrics.csv"):
     keys = []
     for row in history:
         keys += [k for k in row if k not in keys]
@@ -596,13 +624,55 @@ def write_metrics(run_dir, history):
         w.writeheader()
         w.writerows(history)
         f.write(text.getvalue().encode())
-    atomic_write(os.path.join(run_dir, "metrics.csv"), write)
+    atomic_write(os.path.join(run_dir, name), write)
 
 
 def prune_epoch_files(run_dir, keep):
     files = sorted(f for f in os.listdir(run_dir) if f.startswith("epoch") and f.endswith(".pth"))
     for f in files[: max(0, len(files) - keep)]:
         os.remove(os.path.join(run_dir, f))
+
+
+def cross_validate(args, argv):
+    """Every fold of --folds in turn (a fold with a result.json is done; one with a last.pth is resumed), then the
+    table: per-fold held-out RMSE/SSIM of each fold's last evaluation, their mean and standard deviation."""
+    if args.resume:
+        raise UserError("--resume continues one fold (--resume RUN/foldK/last.pth); to continue a whole "
+                        "cross-validation, run the same command again: finished folds are kept, a cut one resumes")
+    cv_dir = os.path.join(args.ckpt_dir, args.ckpt_name or f"{args.model}_cv{args.folds}")
+    results = []
+    for k in range(1, args.folds + 1):
+        fold_dir = os.path.join(cv_dir, f"fold{k}")
+        if not os.path.exists(os.path.join(fold_dir, "result.json")):
+            if os.path.exists(os.path.join(fold_dir, "last.pth")):
+                print(f"fold {k}/{args.folds}: continuing {fold_dir}/last.pth")
+                code = train(parse_args(["--resume", os.path.join(fold_dir, "last.pth")]))
+            else:
+                print(f"fold {k}/{args.folds}: training in {fold_dir}")
+                code = train(parse_args(argv + ["--fold", str(k), "--ckpt_dir", cv_dir, "--ckpt_name", f"fold{k}"]))
+            if code != 0 or not os.path.exists(os.path.join(fold_dir, "result.json")):
+                print(f"cross-validation paused at fold {k}; run the same command again to continue")
+                return code or 130
+        with open(os.path.join(fold_dir, "result.json")) as f:
+            results.append(json.load(f))
+    table = cv_table(results)
+    atomic_write(os.path.join(cv_dir, "cv.md"), lambda f: f.write(table.encode()))
+    write_metrics(cv_dir, results, "cv.csv")
+    print(table + f"\nwrote {cv_dir}/cv.md and cv.csv")
+    return 0
+
+
+def cv_table(results):
+    """Markdown: one row per fold, then mean and sample standard deviation over folds."""
+    mean = lambda xs: sum(xs) / len(xs)
+    std = lambda xs: math.sqrt(sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    lines = ["| fold | held-out frames | train frames | epochs | train min | RMSE | SSIM |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['fold']} | {r['held_out'][0]}..{r['held_out'][1]} ({r['n_held_out']}) | {r['n_train']} | "
+                     f"{r['epochs']} | {r['train_minutes']:.1f} | {r['rmse']:.3f} | {r['ssim']:.3f} |")
+    rmse, ssim_ = [r["rmse"] for r in results], [r["ssim"] for r in results]
+    lines.append(f"| mean ± std | | | | | {mean(rmse):.3f} ± {std(rmse):.3f} | {mean(ssim_):.3f} ± {std(ssim_):.3f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -615,10 +685,17 @@ def main(argv=None):
             out = export_checkpoint(*args.export, half=args.export_fp16, tta=None if args.export_tta == "none" else args.export_tta)
             print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, {'fp16' if args.export_fp16 else 'fp32'} weights)")
             return 0
-        try:
-            build_loss(args.loss)  # a malformed spec fails before any data is read
-        except ValueError as e:
-            raise UserError(f"--loss: {e}") from None
+        for flag, check in (("--loss", build_loss), ("--augment", ds_lib.parse_augment)):
+            try:
+                check(getattr(args, flag[2:]))  # a malformed spec fails before any data is read
+            except ValueError as e:
+                raise UserError(f"{flag}: {e}") from None
+        if args.folds and (args.folds < 2 or args.fold is not None and not 1 <= args.fold <= args.folds):
+            raise UserError(f"--folds must be 2 or more and --fold between 1 and --folds, got {args.folds} and {args.fold}")
+        if args.fold is not None and not args.folds:
+            raise UserError("--fold needs --folds N")
+        if args.folds and args.fold is None:
+            return cross_validate(args, list(sys.argv[1:] if argv is None else argv))
         return train(args)
     except (UserError, FloatingPointError, OSError) as e:  # OSError: a full disk or a folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
