@@ -10,7 +10,7 @@ train: images/s of main.py's step (cached uint8 tensors indexed per batch by mai
        step (a DataLoader with --template_workers workers over a Dataset that opens every JPEG with PIL and
        np.loads every depth map, torchvision ToTensor, fp32, default memory format), with the same model, batch,
        optimizer (main.make_optimizer: AdamW), scheduler and loss.
-eval:  images/s of evaluate.py's prediction path (utils.predict_depth under inference_mode, fast_path's choices,
+eval:  images/s of evaluate.py's prediction path (model.predict_depth under inference_mode, fast_path's choices,
        cached batches) against the template-style loop (file-decoding DataLoader, fp32, no_grad).
 Each path: --warmup untimed steps, then --repeats timed runs of --steps steps, the paths' runs taken in turn;
        median and min-max are printed.
@@ -36,7 +36,8 @@ import dataset as ds_lib
 import main as train_lib
 import model as model_lib
 from losses import build_loss
-from utils import UserError, atomic_write, cpu_model_name, fast_path, pick_device, predict_depth, seed_everything
+from model import predict_depth
+from utils import UserError, atomic_write, cpu_model_name, fast_path, pick_device, seed_everything
 
 
 def get_parser():

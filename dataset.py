@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils import MAX_DEPTH, UserError
+from utils import MAX_DEPTH, UserError, first_line
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 DEPTH_EXT = ".npy"
@@ -95,7 +95,7 @@ def load_rgb_uint8(path):
             mode = img.mode
             rgb = None if mode.startswith(("I", "F")) else np.array(img.convert("RGB"), dtype=np.uint8)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {first_line(e) if str(e).strip() else 'corrupt'})") from None
     if rgb is None:
         raise UserError(f"{path}: a {mode} image (16/32-bit or float, single channel; a depth map?), not an 8-bit RGB image")
     return rgb
@@ -107,7 +107,7 @@ def load_depth_m(path, hw=None):
     try:
         depth = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: unreadable depth file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+        raise UserError(f"{path}: unreadable depth file ({type(e).__name__}: {first_line(e) if str(e).strip() else 'corrupt'})") from None
     if not isinstance(depth, np.ndarray) or depth.dtype.kind != "f":
         raise UserError(f"{path}: depth must be a float array of metres, got dtype {getattr(depth, 'dtype', type(depth).__name__)}")
     if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
@@ -120,16 +120,6 @@ def load_depth_m(path, hw=None):
     if bad.any():
         raise UserError(f"{path}: depth has {int(bad.sum())} NaN/inf value(s)")
     return np.clip(depth.astype(np.float32), 0.0, MAX_DEPTH)
-
-
-def resize_pair(rgb, depth, size):
-    """Resize a batch [B,3,H,W] of RGB (bilinear, antialiased) and [B,1,H,W] of depth (nearest) to size."""
-    size = tuple(size)
-    if tuple(rgb.shape[-2:]) != size:
-        rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
-    if depth is not None and depth.numel() and tuple(depth.shape[-2:]) != size:
-        depth = F.interpolate(depth, size=size, mode="nearest")
-    return rgb, depth
 
 
 AUGMENTS = ("flip", "jitter", "geo", "photo", "cutout")
@@ -283,11 +273,10 @@ class DepthDataset(Dataset):
     """
     TRAIN, VAL, TEST = "train", "val", "test"
 
-    def __init__(self, data_dir, train=None, split=None, size=None, augment=False, cache=False,
-                 skip_bad=False, progress=False):
+    def __init__(self, data_dir, train=None, split=None, cache=False, skip_bad=False, progress=False):
         if split is None:
             split = {True: self.TRAIN, False: self.VAL, None: None}.get(train, train)
-        self.data_dir, self.split, self.size, self.augment = os.fspath(data_dir), split, size, augment
+        self.data_dir, self.split = os.fspath(data_dir), split
         parts = [find_pairs(self.data_dir, s) for s in (split if isinstance(split, (list, tuple)) else [split])]
         self.names = [n for names, _, _ in parts for n in names]
         self.rgb_paths = [p for _, paths, _ in parts for p in paths]
@@ -340,7 +329,8 @@ class DepthDataset(Dataset):
         return len(self.names)
 
     def load(self, i):
-        """(rgb float [3,H,W] in [0,1], depth float [1,H,W] or empty) at the native size, no augmentation."""
+        """(rgb float [3,H,W] in [0,1], depth float [1,H,W] or empty) at the native size (augmentation is per batch:
+        `augment_batch`)."""
         if self.cache is not None:
             rgb_u8, depth_h = self.cache[i]
             rgb = rgb_u8.float() / 255.0
@@ -352,14 +342,7 @@ class DepthDataset(Dataset):
         return rgb, depth
 
     def __getitem__(self, i):
-        rgb, depth = self.load(i)
-        depth_b = depth[None] if depth.numel() else None
-        rgb_b = rgb[None]
-        if self.size is not None:
-            rgb_b, depth_b = resize_pair(rgb_b, depth_b, self.size)
-        if self.augment:
-            rgb_b, depth_b = augment_batch(rgb_b, depth_b)
-        return rgb_b[0], (depth_b[0] if depth_b is not None else torch.empty(0))
+        return self.load(i)
 
     def subset(self, indices):
         """A dataset of the frames at `indices` (in that order), sharing this one's cache."""

@@ -9,6 +9,9 @@ Predictions are made at the model's input size and resized back to the ground tr
 metric is at native resolution. Checkpoints are loaded with torch.load(weights_only=True): a file
 that would run code when unpickled is refused.
 
+`evaluate_batches` and `frame_batches` are also training's evaluation path (main.py imports them), so
+main.py's val figures and this harness's are the same computation.
+
 Exit status: 0 done; 2 a problem with the command, a file or the data (one line on stderr naming it);
 3 the metrics are not numbers (NaN/inf predictions, e.g. from NaN weights; a warning says why).
 """
@@ -22,12 +25,17 @@ import sys
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from PIL import Image
+from tqdm import tqdm
 
 from dataset import DepthDataset
-from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, evaluate_batches, fast_path, is_state_dict,
-                   load_checkpoint, model_from_checkpoint, pick_device, summarize, visualize_img)
+from model import find_state_dict, load_checkpoint, model_from_checkpoint, predict_depth
+from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, fast_path, metric_sums, pick_device,
+                   summarize, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
+BATCH_SIZE = 32
 
 
 def get_parser():
@@ -39,7 +47,7 @@ def get_parser():
     a("--model", default=None, help="model name for a bare state dict (python main.py --list-models)")
     a("--encoder", default=None, help="encoder name for a bare state dict")
     a("--head", default="clip", choices=["clip", "sigmoid"], help="head for a bare state dict")
-    a("--batch_size", type=int, default=32)
+    a("--batch_size", type=int, default=BATCH_SIZE)
     a("--protocol", default="split", choices=["split", "course"],
       help="split: over all pixels of the split (batch-size independent); course: mean over batches of per-batch RMSE/SSIM")
     a("--tta", default=None, choices=["none", "flip"],
@@ -55,42 +63,67 @@ def get_parser():
 def load_model(args, device):
     """The model a checkpoint describes (or --model for a bare state dict), weights loaded, in eval mode."""
     ckpt = load_checkpoint(args.ckpt, map_location="cpu")
-    if "state_dict" in ckpt and isinstance(ckpt.get("model"), dict) and "name" in ckpt["model"]:
-        config, state = dict(ckpt["model"]), ckpt["state_dict"]
-    else:
-        state = next((ckpt[k] for k in ("state_dict", "model_state_dict", "model") if is_state_dict(ckpt.get(k))), ckpt)
-        if not is_state_dict(state):
-            raise UserError(f"{args.ckpt}: not a depth checkpoint (no model description and no state dict of tensors)")
-        if not args.model:
-            raise UserError(f"{args.ckpt}: a bare state dict with no model description; pass --model NAME "
-                            f"(and --encoder/--head if not the defaults)")
+    described = "state_dict" in ckpt and isinstance(ckpt.get("model"), dict) and "name" in ckpt["model"]
+    try:
+        state = find_state_dict(ckpt, args.ckpt)
+    except UserError:
+        raise UserError(f"{args.ckpt}: " + ("its state_dict holds something other than tensors" if described else
+                        "not a depth checkpoint (no model description and no state dict of tensors)")) from None
+    if described:
+        config = dict(ckpt["model"])
+    elif args.model:
         config = {"name": args.model, "encoder": args.encoder, "head": args.head}
+    else:
+        raise UserError(f"{args.ckpt}: a bare state dict with no model description; pass --model NAME "
+                        f"(and --encoder/--head if not the defaults)")
     if args.tta is None:  # a shipped checkpoint names the test-time augmentation it was validated with
         args.tta = "flip" if ckpt.get("tta") == "flip" else "none"
-    if not is_state_dict(state):
-        raise UserError(f"{args.ckpt}: its state_dict holds something other than tensors")
     net = model_from_checkpoint(config, state, args.ckpt)
     return net.to(device).eval(), config
 
 
-def batches(ds, batch_size, progress):
-    """(rgb, depth, indices) batches in frame order; a batch is cut where the image size changes."""
-    from tqdm import tqdm
+def evaluate_batches(model, batches, device, amp_dtype=None, channels_last=False, tta=False, on_batch=None):
+    """Metric totals (see `utils.add_sums`) of a model over (rgb, depth, ...) batches, under inference_mode.
+
+    on_batch(pred_m, depth_m, sums, batch) is called for each batch (per-image outputs, per-batch protocols).
+    """
+    was_training = model.training
+    model.eval()
+    total = {}
+    with torch.inference_mode():
+        for batch in batches:
+            rgb = batch[0].to(device, non_blocking=True)
+            depth_m = batch[1].to(device, non_blocking=True)
+            pred_m = predict_depth(model, rgb, depth_m.shape[-2:], tta, amp_dtype, channels_last)
+            sums = metric_sums(pred_m, depth_m)
+            add_sums(total, sums)
+            if on_batch is not None:
+                on_batch(pred_m, depth_m, sums, batch)
+    model.train(was_training)
+    return total
+
+
+def frame_batches(ds, batch_size, indices=None, progress=False):
+    """(rgb, depth, indices) batches of a dataset's frames (all, or `indices`) in order; a batch is also cut where
+    the image size changes. Frames with no depth map get a zero map, so predictions come at the image's size."""
     rgbs, depths, idx = [], [], []
-    for i in tqdm(range(len(ds)), desc="evaluating", disable=not progress, dynamic_ncols=True):
+    for i in tqdm(range(len(ds)) if indices is None else indices, desc="evaluating", disable=not progress,
+                  dynamic_ncols=True):
         rgb, depth = ds.load(i)
+        if not depth.numel():
+            depth = torch.zeros(1, *rgb.shape[-2:])
         if rgbs and (rgb.shape != rgbs[0].shape or len(rgbs) == batch_size):
             yield torch.stack(rgbs), torch.stack(depths), idx
             rgbs, depths, idx = [], [], []
-        rgbs.append(rgb); depths.append(depth); idx.append(i)
+        rgbs.append(rgb)
+        depths.append(depth)
+        idx.append(i)
     if rgbs:
         yield torch.stack(rgbs), torch.stack(depths), idx
 
 
 def save_prediction(save_dir, name, pred_m):
     """<name>.npy (float32 metres), <name>.png (16-bit millimetres), <name>_color.png (coloured)."""
-    from matplotlib import colormaps
-    from PIL import Image
     pred = pred_m.astype(np.float32)
     atomic_write(os.path.join(save_dir, f"{name}.npy"), lambda f: np.save(f, pred))
     mm = Image.fromarray(np.round(np.nan_to_num(pred, nan=0.0) * 1000).astype(np.uint16))  # NaN (NaN weights): 0, no data
@@ -136,7 +169,8 @@ def run(args):
 
     per_image, per_batch = [], []
 
-    def on_batch(pred_m, depth_m, sums, idx):
+    def on_batch(pred_m, depth_m, sums, batch):
+        idx = batch[2]
         if ds.has_depth:
             per_batch.append(summarize({k: float(v.sum()) for k, v in sums.items()}))
             for j, i in enumerate(idx):
@@ -145,12 +179,8 @@ def run(args):
             for j, i in enumerate(idx):
                 save_prediction(args.save_dir, ds.names[i], pred_m[j, 0].float().cpu().numpy())
 
-    total = {}
-    for rgb, depth_m, idx in batches(ds, args.batch_size, sys.stderr.isatty()):
-        if not ds.has_depth:  # image-only: predict at the image's own size
-            depth_m = torch.zeros(rgb.shape[0], 1, *rgb.shape[-2:])
-        add_sums(total, evaluate_batches(net, [(rgb, depth_m)], device, amp_dtype, channels_last, args.tta == "flip",
-                                         on_batch=lambda p, d, s: on_batch(p, d, s, idx)))
+    total = evaluate_batches(net, frame_batches(ds, args.batch_size, progress=sys.stderr.isatty()), device, amp_dtype,
+                             channels_last, args.tta == "flip", on_batch=on_batch)
     if not ds.has_depth:
         print(f"{args.data}: images only (no depth maps): {len(ds)} predictions made, no metrics"
               + (f"; written to {args.save_dir}" if args.save_dir else "; pass --save_dir to keep them"))
@@ -184,7 +214,6 @@ def run(args):
 
 
 def write_per_image(save_dir, ds, per_image, net, device, amp_dtype, args):
-    from utils import predict_depth
     text = io.StringIO()
     w = csv.writer(text)
     w.writerow(["frame"] + METRIC_NAMES)

@@ -2,38 +2,53 @@
 
     python main.py                                   # effnet_unet, pretrained; synthetic scenes if no dataset
     python main.py --data_dir DepthEstimationUnreal  # the real data
+    python main.py --data_dir DepthEstimationUnreal --folds 3      # block cross-validation: one table
     python main.py --recipe convnext_report          # a report's whole configuration (flags override it)
     python main.py --resume runs/effnet_unet/last.pth
     torchrun --nproc_per_node 2 main.py ...          # several GPUs (or CPU processes on gloo)
 
 Every --evaluate_every epochs: RMSE/SSIM on train and val, a row in metrics.csv, curves.png,
 figures of fixed val images, last.pth and (on a new best val RMSE) best.pth in the run folder.
+
+The run, top to bottom: `train` sets up the process (`setup`), reads the data (`load_data`), builds the run
+from the arguments or a checkpoint (`build_run`), then loops over epochs: `train_one_epoch`, `evaluate_and_save`.
+The checkpoint's training state is written and restored side by side (`training_state`, `restore_training_state`).
 """
 import argparse
 import copy
 import csv
+import functools
+import io
 import json
 import math
 import os
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
+import timm
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torchvision
+from tqdm import tqdm
 
 import dataset as ds_lib
-import model as model_lib
+import synthetic
+from evaluate import evaluate_batches, frame_batches
 from losses import build_loss
-from utils import (TEMP_NAME, UserError, atomic_write, evaluate_batches, export_checkpoint, fast_path, load_checkpoint, model_from_checkpoint,
-                   pick_device, plot_curves, remove_stale_temps, save_checkpoint, seed_everything, summarize, visualize_img,
-                   autocast, predict_depth)
+from model import (build_model, export_checkpoint, fit_input, freeze_encoder, list_models, load_checkpoint,
+                   model_from_checkpoint, param_groups, predict_depth, save_checkpoint)
+from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, pick_device, plot_curves,
+                   remove_stale_temps, seed_everything, summarize, visualize_img)
 
 # ------------------------------------------------------------------------------------------------
 # hyperparameters (defaults of the flags below)
 DATA_DIR = "./DepthEstimationUnreal"
 MODEL = "effnet_unet"          # python main.py --list-models
+ENCODER = None                 # timm encoder name; None: the model's own default
+PRETRAINED = True              # ImageNet encoder weights (effnet_unet's ship offline in a pip package)
 HEAD = "clip"                  # unbounded output, clamped to [0, 20] at inference; or "sigmoid"
 LOSS = "mse+0.15*ssim+0.05*edge"
 OPTIMIZER = "adamw"
@@ -47,12 +62,25 @@ MAX_EPOCHS = 6                 # (4 on the synthetic quick start); val RMSE rose
 TIME_BUDGET = None             # minutes of training (evaluation excluded); the LR schedule then follows the clock
 EVALUATE_EVERY = 2             # epochs
 VISUALIZE_EVERY = 500          # steps
-AUGMENT = "flip+jitter"        # none, flip, jitter, flip+jitter
+AUGMENT = "flip+jitter"        # 'none' or any of dataset.AUGMENTS joined by '+' (flip, jitter, geo, photo, cutout)
+FREEZE = "none"                # none, stem, encoder: encoder parts with no gradient and batch norm in eval mode
 TRAIN_EVAL_FRAMES = 500        # train-split metrics on this many evenly spaced frames (0 = all)
 KEEP = 2                       # epoch checkpoints kept besides best.pth and last.pth
+SEED = 0
 FOLDS = 0                      # block cross-validation over train+val in frame order (0: train on train, score on val)
 GUARD = 50                     # frames dropped from training on each side of a held-out block (near duplicates)
-SEED = 0
+
+# run and machine settings
+CKPT_DIR = "runs"
+WORKERS = 0                    # DataLoader workers when the data is not cached
+CACHE = "auto"                 # auto: decode a split into RAM once when it needs < CACHE_RAM_FRACTION of the memory
+CACHE_RAM_FRACTION = 0.4
+AMP = "auto"                   # auto: bf16 on GPUs and on CPUs with bf16 instructions (utils.fast_path)
+CHANNELS_LAST = "auto"
+EVAL_BATCH_SIZE = 16           # evaluation batches hold at least this many frames (metrics do not depend on it)
+ONE_CYCLE = dict(pct_start=0.3, div_factor=25.0, final_div_factor=1e4)  # torch's OneCycleLR defaults, written out
+CYCLIC = dict(max_factor=5, up_steps=1000, down_steps=2000)  # the ResNet-34 report: lr up to 5x, 1000 up, 2000 down
+SEED_ORDER, SEED_TORCH, SEED_AUG = 100003, 1000, (7919, 101)  # epoch seeds: sample order, torch RNG, augmentation
 
 RECIPES = {  # the two reports' configurations, as the reports give them
     "convnext_report": dict(model="convnext_unet", encoder="convnext_base", loss="mse+0.15*ssim+0.05*edge",
@@ -62,53 +90,55 @@ RECIPES = {  # the two reports' configurations, as the reports give them
                             weight_decay=1e-5, scheduler="cyclic", batch_size=32, max_epochs=100, augment="none"),
 }
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
-RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch_done", "step", "best", "history", "rng")
+RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch", "step", "best", "history", "rng")
 
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data_dir", default=None, help=f"dataset root (default {DATA_DIR}; synthetic scenes when that is missing)")
-    a("--model", default=MODEL)
-    a("--encoder", default=None, help="timm encoder name for the U-Net models")
-    a("--pretrained", action=argparse.BooleanOptionalAction, default=True, help="ImageNet encoder weights (--no-pretrained: from scratch)")
+    a("--model", default=MODEL, help="model variant (--list-models)")
+    a("--encoder", default=ENCODER, help="timm encoder name for the U-Net models (default: the model's own)")
+    a("--pretrained", action=argparse.BooleanOptionalAction, default=PRETRAINED,
+      help="ImageNet encoder weights (--no-pretrained: from scratch)")
     a("--encoder-weights", "--encoder_weights", dest="encoder_weights", default=None, help="local encoder state dict")
-    a("--head", default=HEAD, choices=["clip", "sigmoid"])
-    a("--loss", default=LOSS)
-    a("--optimizer", default=OPTIMIZER, choices=["adam", "adamw"])
-    a("--lr", type=float, default=LR)
-    a("--encoder_lr", type=float, default=ENCODER_LR, help="encoder learning rate (None: same as --lr)")
-    a("--weight_decay", type=float, default=WEIGHT_DECAY)
-    a("--scheduler", default=SCHEDULER, choices=["onecycle", "cyclic", "cosine", "none"])
-    a("--batch_size", type=int, default=BATCH_SIZE)
+    a("--head", default=HEAD, choices=["clip", "sigmoid"], help="output layer")
+    a("--loss", default=LOSS, help="loss spec: WEIGHT*TERM joined by '+' (losses.py)")
+    a("--optimizer", default=OPTIMIZER, choices=["adam", "adamw"], help="optimizer")
+    a("--lr", type=float, default=LR, help="decoder learning rate (peak, for onecycle)")
+    a("--encoder_lr", type=float, default=ENCODER_LR, help="encoder learning rate (a recipe may set it to --lr's)")
+    a("--weight_decay", type=float, default=WEIGHT_DECAY, help="weight decay")
+    a("--scheduler", default=SCHEDULER, choices=["onecycle", "cyclic", "cosine", "none"], help="per-step LR schedule")
+    a("--batch_size", type=int, default=BATCH_SIZE, help="training batch (per process)")
     a("--max_epochs", type=int, default=None, help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; "
                                                    f"no limit with --time_budget)")
     a("--time_budget", type=float, default=TIME_BUDGET, help="stop after this many minutes of training (for equal-time "
-                                                              "comparisons); onecycle/cosine then run on the clock, not the step count")
+                                                              "comparisons); onecycle/cosine then run on the clock")
     a("--ema", type=float, default=EMA, help="decay of the per-step weight average (0: off)")
-    a("--evaluate_every", type=int, default=EVALUATE_EVERY)
-    a("--visualize_every", type=int, default=VISUALIZE_EVERY)
+    a("--evaluate_every", type=int, default=EVALUATE_EVERY, help="epochs between evaluations")
+    a("--visualize_every", type=int, default=VISUALIZE_EVERY, help="steps between val figures (0: at evaluations only)")
     a("--augment", default=AUGMENT, help=f"'none' or '+'-joined: {', '.join(ds_lib.AUGMENTS)} (dataset.py)")
-    a("--freeze", default="none", choices=["none", "stem", "encoder"], help="encoder parts kept frozen")
-    a("--train_eval_frames", type=int, default=TRAIN_EVAL_FRAMES)
-    a("--ckpt_dir", default="runs")
+    a("--freeze", default=FREEZE, choices=["none", "stem", "encoder"], help="encoder parts kept frozen")
+    a("--train_eval_frames", type=int, default=TRAIN_EVAL_FRAMES, help="train metrics on this many frames (0: all)")
+    a("--ckpt_dir", default=CKPT_DIR, help="folder of run folders")
     a("--ckpt_name", default=None, help="run folder name (default: the model name, never an existing run)")
-    a("--keep", type=int, default=KEEP)
-    a("--seed", type=int, default=SEED)
+    a("--keep", type=int, default=KEEP, help="epoch checkpoints kept besides best.pth and last.pth")
+    a("--seed", type=int, default=SEED, help="seed of everything random")
     a("--resume", default=None, help="last.pth (or any checkpoint) of a run to continue exactly")
     a("--stop_after_epochs", type=int, default=None, help="stop cleanly after this epoch (continue with --resume)")
-    a("--workers", type=int, default=0, help="DataLoader workers when the data is not cached")
-    a("--cache", default="auto", choices=["auto", "on", "off"], help="decode every frame once into RAM")
-    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
-    a("--channels_last", default="auto", choices=["auto", "on", "off"])
-    a("--compile", action="store_true")
-    a("--device", default=None)
-    a("--recipe", default=None, choices=sorted(RECIPES))
+    a("--workers", type=int, default=WORKERS, help="DataLoader workers when the data is not cached")
+    a("--cache", default=CACHE, choices=["auto", "on", "off"], help="decode every frame once into RAM")
+    a("--amp", default=AMP, choices=["auto", "none", "bf16", "fp16"], help="autocast dtype")
+    a("--channels_last", default=CHANNELS_LAST, choices=["auto", "on", "off"], help="memory format")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
+    a("--recipe", default=None, choices=sorted(RECIPES), help="a report's configuration")
     a("--folds", type=int, default=FOLDS, help="block cross-validation: train+val frames in order, cut into this many "
                                                "contiguous blocks; runs every fold and writes cv.csv / cv.md (0: off)")
     a("--fold", type=int, default=None, help="with --folds: run only this fold (1..folds), holding out block FOLD")
-    a("--guard", type=int, default=GUARD, help="with --folds: frames dropped from training on each side of the held-out block")
-    a("--list-models", "--list_models", dest="list_models", action="store_true")
+    a("--guard", type=int, default=GUARD, help="with --folds: frames dropped from training on each side of the "
+                                               "held-out block")
+    a("--list-models", "--list_models", dest="list_models", action="store_true", help="list the models and exit")
     a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
       help="write a shippable copy of a checkpoint (evaluated weights and the run's record, no optimizer state) and exit")
     a("--export_tta", default="none", choices=["none", "flip"], help="with --export: evaluate.py's default --tta for it")
@@ -117,25 +147,28 @@ def get_parser():
 
 
 def parse_args(argv):
+    """(args, the --resume checkpoint or None). A resumed run continues with the arguments it was started with."""
     parser = get_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.list_models or pre.export:
-        return pre
-    if pre.resume:  # a resumed run continues with the arguments it was started with
+        return pre, None
+    ckpt = None
+    if pre.resume:
         ckpt = load_checkpoint(pre.resume)
         saved, missing = ckpt.get("args"), [k for k in RESUME_KEYS if k not in ckpt]
         if not isinstance(saved, dict) or missing:
-            raise UserError(f"{pre.resume}: not a main.py training checkpoint (no {', '.join(missing) or 'args'} recorded); "
-                            f"it cannot be resumed")
+            raise UserError(f"{pre.resume}: not a main.py training checkpoint (no {', '.join(missing) or 'args'} "
+                            f"recorded); it cannot be resumed")
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "stop_after_epochs", "list_models")})
     elif pre.recipe:
         parser.set_defaults(**RECIPES[pre.recipe])
     args = parser.parse_args(argv)
     if pre.recipe and not pre.resume:
-        explicit = {k for k in RECIPES[pre.recipe] if getattr(args, k) != RECIPES[pre.recipe][k]}
-        print(f"recipe {pre.recipe}: " + ", ".join(f"{k}={v}" for k, v in RECIPES[pre.recipe].items() if k not in explicit)
-              + (f" (overridden by flags: {', '.join(sorted(explicit))})" if explicit else ""))
-    return args
+        recipe = RECIPES[pre.recipe]
+        explicit = sorted(k for k in recipe if getattr(args, k) != recipe[k])
+        kept = ", ".join(f"{k}={v}" for k, v in recipe.items() if k not in explicit)
+        print(f"recipe {pre.recipe}: {kept}" + (f" (overridden by flags: {', '.join(explicit)})" if explicit else ""))
+    return args, ckpt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,18 +182,27 @@ def resolve_data_dir(args, rank):
         return args.data_dir, False
     if os.path.isdir(DATA_DIR):
         return DATA_DIR, False
-    import synthetic
-    folder = os.path.join("synthetic_cache", f"scenes-{SYNTHETIC['n_train']}-{SYNTHETIC['n_val']}-seed0")
+    n_train, n_val = SYNTHETIC["n_train"], SYNTHETIC["n_val"]
+    folder = os.path.join("synthetic_cache", f"scenes-{n_train}-{n_val}-seed0")
     if rank == 0:
         print("=" * 88 + f"\nNo dataset: --data_dir not given and {DATA_DIR} does not exist.\n"
-              f"Training on built-in synthetic scenes ({SYNTHETIC['n_train']} train / {SYNTHETIC['n_val']} val frames, "
-              f"cached in {folder}).\nPass --data_dir PATH to train on DepthEstimationUnreal.\n" + "=" * 88)
+              f"Training on built-in synthetic scenes ({n_train} train / {n_val} val frames, cached in {folder}).\n"
+              f"Pass --data_dir PATH to train on DepthEstimationUnreal.\n" + "=" * 88)
         if not os.path.exists(os.path.join(folder, "COMPLETE")):
-            synthetic.make_dataset(folder, n_train=SYNTHETIC["n_train"], n_val=SYNTHETIC["n_val"], seed=0)
+            synthetic.make_dataset(folder, n_train=n_train, n_val=n_val, seed=0)
             atomic_write(os.path.join(folder, "COMPLETE"), lambda f: f.write(b"ok\n"))
     if dist.is_initialized():
         dist.barrier()
     return folder, True
+
+
+def fits_in_ram(n_frames, hw=(144, 256)):
+    need = n_frames * hw[0] * hw[1] * 7  # uint8 RGB + float32 depth (float16 where lossless)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return need < CACHE_RAM_FRACTION * total
 
 
 def load_splits(args, data_dir, main_proc):
@@ -176,18 +218,9 @@ def load_splits(args, data_dir, main_proc):
     return frames.subset(train_idx), frames.subset(held_idx), cache
 
 
-def fits_in_ram(n_frames, hw=(144, 256)):
-    need = n_frames * hw[0] * hw[1] * 7  # uint8 RGB + float32 depth (float16 where lossless)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return True
-    return need < 0.4 * total
-
-
 def epoch_order(n, seed, epoch, rank, world):
     """This rank's sample indices for an epoch: a permutation fixed by (seed, epoch), sharded like DistributedSampler."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    g = torch.Generator().manual_seed(seed * SEED_ORDER + epoch)
     order = torch.randperm(n, generator=g)
     per_rank = math.ceil(n / world)
     order = torch.cat([order, order[: per_rank * world - n]])
@@ -213,62 +246,87 @@ def batches_of(train_set, stacked, indices, batch_size, device, workers):
         raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
-def eval_batches(split_set, indices, batch_size):
-    for s in range(0, len(indices), batch_size):
-        items = [split_set[i] for i in indices[s:s + batch_size]]
-        yield torch.stack([r for r, _ in items]), torch.stack([d for _, d in items])
+def load_data(args, env):
+    """The train and val sets (cached, and stacked for direct indexing where they fit), steps per epoch and the
+    fixed evaluation sets: all of val (sharded over processes), evenly spaced train frames, 3 figure frames."""
+    data_dir, is_synthetic = resolve_data_dir(args, env.rank)
+    train_set, val_set, cache = load_splits(args, data_dir, env.main)
+    if not train_set.has_depth or not val_set.has_depth:
+        raise UserError(f"{data_dir}: training needs depth maps for train and val (found images only)")
+    stacked = train_set.stacked() if cache else None
+    if stacked is not None and env.device.type == "cuda":
+        stacked = tuple(t.to(env.device) for t in stacked)  # the whole uint8 split lives on the GPU
+    steps_per_epoch = len(epoch_order(len(train_set), 0, 0, env.rank, env.world)) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{data_dir}: {len(train_set)} training frames are fewer than one batch per process "
+                        f"({args.batch_size})")
+    fold = ""
+    if args.folds:
+        fold = (f" (fold {args.fold}/{args.folds}: held-out frames {val_set.names[0]}..{val_set.names[-1]}, "
+                f"guard {args.guard})")
+    env.log(f"data {data_dir}: {len(train_set)} train / {len(val_set)} val frames{fold}, cache {'on' if cache else 'off'}, "
+            f"{steps_per_epoch} steps/epoch of batch {args.batch_size}")
+    n_train_eval = len(train_set) if args.train_eval_frames <= 0 else min(args.train_eval_frames, len(train_set))
+    train_eval_idx = sorted({round(i * (len(train_set) - 1) / max(1, n_train_eval - 1)) for i in range(n_train_eval)})
+    return SimpleNamespace(
+        dir=data_dir, synthetic=is_synthetic, train=train_set, val=val_set, stacked=stacked,
+        steps_per_epoch=steps_per_epoch, val_idx=list(range(len(val_set)))[env.rank::env.world],
+        train_eval_idx=train_eval_idx[env.rank::env.world], n_train_eval=n_train_eval,
+        fig_idx=sorted({0, len(val_set) // 2, len(val_set) - 1}), eval_batch_size=max(args.batch_size, EVAL_BATCH_SIZE))
 
 
 # ------------------------------------------------------------------------------------------------
 # optimisation
 
 def make_optimizer(args, model):
-    enc, dec = model_lib.param_groups(model)
+    enc, dec = param_groups(model)
     enc_lr = args.lr if args.encoder_lr is None else args.encoder_lr
-    groups = [g for g in ({"params": enc, "lr": enc_lr, "name": "encoder"}, {"params": dec, "lr": args.lr, "name": "decoder"}) if g["params"]]
+    groups = [{"params": enc, "lr": enc_lr, "name": "encoder"}, {"params": dec, "lr": args.lr, "name": "decoder"}]
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return opt_cls(groups, lr=args.lr, weight_decay=args.weight_decay)
+    return opt_cls([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
 
 
-def one_cycle_factor(progress, pct_start=0.3, div=25.0, final_div=1e4):
+def one_cycle_factor(progress):
     """OneCycleLR's shape (cosine up from lr/div for pct_start, cosine down to lr/(div*final_div)) at progress in [0, 1]."""
     progress = min(max(progress, 0.0), 1.0)
+    pct, div, final_div = ONE_CYCLE["pct_start"], ONE_CYCLE["div_factor"], ONE_CYCLE["final_div_factor"]
     cos = lambda a, b, t: b + (a - b) * (1 + math.cos(math.pi * t)) / 2
-    if progress < pct_start:
-        return cos(1 / div, 1.0, progress / pct_start)
-    return cos(1.0, 1 / (div * final_div), (progress - pct_start) / (1 - pct_start))
+    if progress < pct:
+        return cos(1 / div, 1.0, progress / pct)
+    return cos(1.0, 1 / (div * final_div), (progress - pct) / (1 - pct))
 
 
-def budget_used(clock, budget_min):
-    """Fraction of the time budget used: the seconds trained so far plus the step under way (clock['since'] onwards).
-    Under torchrun every process must agree, so there it counts finished steps only (clock['live'] False)."""
-    return (clock["seconds"] + (time.time() - clock["since"] if clock["live"] else 0.0)) / (60 * budget_min)
+def cosine_factor(progress):
+    return (1 + math.cos(math.pi * min(progress, 1.0))) / 2
 
 
-def make_scheduler(args, optimizer, steps_per_epoch, clock=None):
-    """Per-step LR schedule. With --time_budget, onecycle and cosine follow the clock (budget_used), not the step count."""
-    total = max(1, steps_per_epoch * args.max_epochs)
+def make_scheduler(args, optimizer, total_steps):
+    """Per-step LR schedule over total_steps (None for none, and for onecycle/cosine with --time_budget: those follow
+    the clock instead, see `follow_clock`)."""
+    total = max(1, total_steps)
     lrs = [g["lr"] for g in optimizer.param_groups]
     if args.time_budget and args.scheduler in ("onecycle", "cosine"):
-        shape = one_cycle_factor if args.scheduler == "onecycle" else (lambda p: (1 + math.cos(math.pi * min(p, 1.0))) / 2)
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: shape(budget_used(clock, args.time_budget)))
+        return None
     if args.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total)
-    if args.scheduler == "cyclic":  # the ResNet-34 report: base 1e-3, max 5e-3, up 1000, down 2000 steps
-        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lrs, max_lr=[5 * lr for lr in lrs], step_size_up=1000,
-                                                 step_size_down=2000, mode="triangular2", cycle_momentum=False)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total, **ONE_CYCLE)
+    if args.scheduler == "cyclic":
+        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lrs, max_lr=[CYCLIC["max_factor"] * lr for lr in lrs],
+                                                 step_size_up=CYCLIC["up_steps"], step_size_down=CYCLIC["down_steps"],
+                                                 mode="triangular2", cycle_momentum=False)
     if args.scheduler == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
     return None
 
 
-def apply_freeze(model, what):
-    if what == "none":
+def follow_clock(run):
+    """With --time_budget, onecycle and cosine run on the clock: each group's LR is its base LR times the schedule's
+    factor at the fraction of the budget trained so far, so the schedule ends exactly when the budget does."""
+    if not (run.args.time_budget and run.args.scheduler in ("onecycle", "cosine")):
         return
-    stem = ("conv_stem", "bn1", "conv1", "stem", "stem_0", "stem_1")
-    for name, p in model.encoder.named_parameters():
-        if what == "encoder" or name.split(".")[0] in stem:
-            p.requires_grad_(False)
+    shape = one_cycle_factor if run.args.scheduler == "onecycle" else cosine_factor
+    factor = shape(run.train_seconds / (60 * run.args.time_budget))
+    for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
+        group["lr"] = base_lr * factor
 
 
 def ema_update(ema_net, net, decay, step):
@@ -278,19 +336,20 @@ def ema_update(ema_net, net, decay, step):
         ema_t, raw_t = [], []
         for e, r in zip(ema_net.state_dict().values(), net.state_dict().values()):
             if e.is_floating_point():
-                ema_t.append(e); raw_t.append(r)
+                ema_t.append(e)
+                raw_t.append(r)
             else:
                 e.copy_(r)
         torch._foreach_lerp_(ema_t, raw_t, 1.0 - d)
 
 
-def train_step(model, input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler, amp_dtype, channels_last, augment=None):
+def train_step(model, input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler, amp_dtype, channels_last,
+               augment=None):
     """One optimisation step on a batch already on the device; returns the loss (a tensor, no host sync
     beyond the finiteness check). augment: keyword options of dataset.augment_batch (generator included) or None."""
     if augment is not None:
         rgb, depth_m = ds_lib.augment_batch(rgb, depth_m, **augment)
-    if input_size:
-        rgb = F.interpolate(rgb, size=tuple(input_size), mode="bilinear", align_corners=False, antialias=True)
+    rgb = fit_input(rgb, input_size)
     if channels_last:
         rgb = rgb.contiguous(memory_format=torch.channels_last)
     with autocast(rgb.device, amp_dtype):
@@ -310,24 +369,142 @@ def train_step(model, input_size, rgb, depth_m, loss_fn, optimizer, scheduler, s
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints
+# the run: process setup, building (or restoring) it, its checkpoints
 
-def checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done, ema_net=None):
-    """state_dict: the weights evaluation uses (the average with --ema); train_state_dict: the raw weights (--ema only)."""
-    import timm
-    import torchvision
+def setup(args):
+    """The process: rank and world size (torchrun), device, process group, seeds, autocast and memory format."""
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    device = pick_device(args.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    seed_everything(args.seed)
+    amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
+    env = SimpleNamespace(world=world, rank=rank, main=rank == 0, device=device, amp_dtype=amp_dtype,
+                          channels_last=channels_last, log=print if rank == 0 else (lambda *a, **k: None))
+    env.log(f"device {device} ({why}); autocast {amp_dtype or 'off'}, channels_last {channels_last}, {world} process(es)")
+    return env
+
+
+def epochs_to_run(args, is_synthetic):
+    if args.max_epochs is not None:
+        return args.max_epochs
+    if args.time_budget:
+        return 10 ** 6
+    return SYNTHETIC["max_epochs"] if is_synthetic else MAX_EPOCHS
+
+
+def build_run(args, env, data, ckpt):
+    """Everything that changes while training (model, its average, optimizer, schedule, counters, history), made from
+    the arguments, or from a checkpoint to continue it exactly."""
+    if ckpt is not None:
+        net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], args.resume)
+    else:
+        net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
+                          encoder_weights=args.encoder_weights, head=args.head)
+    freeze_encoder(net, args.freeze)
+    net.to(env.device)
+    if env.channels_last:
+        net.to(memory_format=torch.channels_last)
+    ema_net = copy.deepcopy(net).eval().requires_grad_(False) if args.ema > 0 else None
+    if ema_net is not None and ckpt is not None and ckpt.get("train_state_dict"):  # checked like the raw weights
+        ema_net.load_state_dict(model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.resume).state_dict())
+    max_epochs = epochs_to_run(args, data.synthetic)
+    optimizer = make_optimizer(args, net)
+    model = torch.nn.parallel.DistributedDataParallel(net) if env.world > 1 else net
+    run = SimpleNamespace(
+        args=args, net=net, ema_net=ema_net, eval_net=ema_net if ema_net is not None else net,
+        model=torch.compile(model) if args.compile else model, optimizer=optimizer,
+        base_lrs=[g["lr"] for g in optimizer.param_groups],
+        scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs),
+        scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),
+        loss_fn=build_loss(args.loss), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None, train_seconds=0.0,
+        best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None)
+    if ckpt is not None:
+        restore_training_state(run, ckpt, args.resume)
+        run.dir = os.path.dirname(os.path.abspath(args.resume))
+        env.log(f"resumed {args.resume}: {run.epoch} epoch(s) done, step {run.step}")
+    elif env.main:
+        run.dir = new_run_dir(args)
+    if env.world > 1:
+        box = [run.dir]
+        dist.broadcast_object_list(box)
+        run.dir = box[0]
+    follow_clock(run)
+    encoder_lr = args.lr if args.encoder_lr is None else args.encoder_lr
+    schedule = f"scheduler {args.scheduler}"
+    if args.time_budget:
+        on_clock = args.scheduler in ("onecycle", "cosine")
+        schedule += f" over a {args.time_budget:g}-minute budget" if on_clock else f", stopping after {args.time_budget:g} minutes"
+    parts = [f"model {args.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
+             f"head {net.config.get('head')})", f"loss {run.loss_fn.spec}",
+             f"{args.optimizer} lr {args.lr:g} (encoder {encoder_lr:g})", schedule]
+    if ema_net is not None:
+        parts.append(f"EMA {args.ema:g}")
+    env.log(", ".join(parts) + f", run folder {run.dir}")
+    return run
+
+
+def training_state(run):
+    """The checkpoint: the model's description, state_dict (the weights evaluation uses: the average with --ema),
+    train_state_dict (the raw weights, --ema only), and all a resume needs. `epoch` counts finished epochs; a run
+    stopped within an epoch also records `in_epoch` (steps done, running loss, RNG states)."""
     weights = lambda m: {k: v.detach().cpu() for k, v in m.state_dict().items()}
+    net, scheduler, scaler = run.net, run.scheduler, run.scaler
     return {
         "model": dict(net.config), "input_size": list(net.input_size) if net.input_size else None,
-        "state_dict": weights(ema_net if ema_net is not None else net),
-        "train_state_dict": weights(net) if ema_net is not None else None,
-        "epoch": epoch, "step": step, "epoch_done": epoch_done,
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+        "state_dict": weights(run.eval_net), "train_state_dict": weights(net) if run.ema_net is not None else None,
+        "epoch": run.epoch, "step": run.step, "in_epoch": run.in_epoch, "train_seconds": run.train_seconds,
+        "optimizer": run.optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "best": best, "args": {k: v for k, v in vars(args).items()}, "history": history,
-        "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__), "torchvision": str(torchvision.__version__)},
+        "best": run.best, "args": dict(vars(run.args)), "history": run.history,
+        "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
+                     "torchvision": str(torchvision.__version__)},
     }
+
+
+def restore_training_state(run, ckpt, source):
+    """The inverse of `training_state` for what `build_run` did not already take from the checkpoint."""
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.scheduler is not None and ckpt.get("scheduler") is not None:
+            run.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            run.scaler.load_state_dict(ckpt["scaler"])
+        run.epoch = ckpt.get("epoch_done", ckpt["epoch"])  # checkpoints before 2026-11-25 counted it as epoch_done
+        run.step, run.best, run.history = ckpt["step"], ckpt["best"], ckpt["history"]
+        run.in_epoch, run.train_seconds = ckpt.get("in_epoch"), float(ckpt.get("train_seconds", 0.0))
+        torch.set_rng_state(ckpt["rng"]["torch"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a damaged or hand-made checkpoint
+        raise UserError(f"{source}: cannot resume from it (damaged training state: {type(e).__name__}: "
+                        f"{first_line(e)})") from None
+
+
+def kept_message(run_dir):
+    last = os.path.join(run_dir, "last.pth")
+    return f"The last good checkpoint is kept: {last}" if os.path.exists(last) else "No checkpoint had been written yet."
+
+
+def save_checkpoints(run, env, names):
+    """Write the training state under each name in the run folder (rank 0). Weights holding NaN/inf (a step with a
+    finite loss but NaN gradients) never replace a good checkpoint: FloatingPointError instead."""
+    bad = [k for k, v in run.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        epoch = run.epoch + (1 if run.in_epoch else 0)
+        raise FloatingPointError(f"weights hold NaN/inf (e.g. {bad[0]}) after step {run.step} (epoch {epoch}); "
+                                 f"stopping. {kept_message(run.dir)}")
+    if not env.main:
+        return
+    state = training_state(run)
+    for name in names:
+        path = os.path.join(run.dir, name)
+        try:
+            save_checkpoint(path, state)
+        except OSError as e:
+            raise UserError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous file is intact") from None
 
 
 def holds_run(folder):
@@ -342,7 +519,8 @@ def new_run_dir(args):
     run_dir = os.path.join(args.ckpt_dir, name)
     if holds_run(run_dir):
         if args.ckpt_name:
-            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}/last.pth or choose another --ckpt_name")
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}/last.pth "
+                            f"or choose another --ckpt_name")
         k = 2
         while holds_run(f"{run_dir}-{k}"):
             k += 1
@@ -350,287 +528,235 @@ def new_run_dir(args):
     return run_dir
 
 
-# ------------------------------------------------------------------------------------------------
-
-def train(args):
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = pick_device(args.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    main_proc = rank == 0
-    log = print if main_proc else (lambda *a, **k: None)
-    seed_everything(args.seed)
-    amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
-    log(f"device {device} ({why}); autocast {amp_dtype or 'off'}, channels_last {channels_last}, {world} process(es)")
-
-    # data
-    data_dir, synthetic = resolve_data_dir(args, rank)
-    if args.max_epochs is None:
-        args.max_epochs = 10 ** 6 if args.time_budget else SYNTHETIC["max_epochs"] if synthetic else MAX_EPOCHS
-    train_set, val_set, cache = load_splits(args, data_dir, main_proc)
-    if not train_set.has_depth or not val_set.has_depth:
-        raise UserError(f"{data_dir}: training needs depth maps for train and val (found images only)")
-    stacked = train_set.stacked() if cache else None
-    if stacked is not None and device.type == "cuda":
-        stacked = tuple(t.to(device) for t in stacked)  # the whole uint8 split lives on the GPU
-    steps_per_epoch = len(epoch_order(len(train_set), 0, 0, rank, world)) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{data_dir}: {len(train_set)} training frames are fewer than one batch per process ({args.batch_size})")
-    log(f"data {data_dir}: {len(train_set)} train / {len(val_set)} val frames"
-        + (f" (fold {args.fold}/{args.folds}: held-out frames {val_set.names[0]}..{val_set.names[-1]}, guard {args.guard})"
-           if args.folds else "") + f", cache {'on' if cache else 'off'}, "
-        f"{steps_per_epoch} steps/epoch of batch {args.batch_size}")
-
-    # model, optimisation
-    ckpt = load_checkpoint(args.resume) if args.resume else None
-    if ckpt is not None:
-        net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], args.resume)
-    else:
-        net = model_lib.build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
-                                    encoder_weights=args.encoder_weights, head=args.head)
-    apply_freeze(net, args.freeze)
-    net.to(device)
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
-    ema_net = copy.deepcopy(net).eval().requires_grad_(False) if args.ema > 0 else None
-    if ema_net is not None and ckpt is not None and ckpt.get("train_state_dict"):  # checked like the raw weights
-        ema_net.load_state_dict(model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.resume).state_dict())
-    eval_net = ema_net if ema_net is not None else net  # what evaluation, figures and best.pth use
-    clock = {"seconds": float(ckpt.get("train_seconds", 0.0)) if ckpt is not None else 0.0, "since": time.time(), "live": world == 1}
-    optimizer = make_optimizer(args, net)
-    scheduler = make_scheduler(args, optimizer, steps_per_epoch, clock)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    loss_fn = build_loss(args.loss)
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-    step_fn_model = torch.compile(model) if args.compile else model
-    start_epoch, step, best, history = 0, 0, {"val_rmse": float("inf"), "epoch": None}, []
-    if ckpt is not None:
+def repair_run_dir(run, env):
+    """Clear temp files a kill left (rank 0). A kill can also fall between writing last.pth and best.pth of one
+    epoch: then best.pth is written again from the resumed state."""
+    if not env.main:
+        return
+    remove_stale_temps(run.dir)
+    if not run.in_epoch and run.best["epoch"] == run.epoch:  # only a resumed run has a best epoch here
         try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scheduler is not None and ckpt.get("scheduler") is not None:
-                scheduler.load_state_dict(ckpt["scheduler"])
-            if ckpt.get("scaler"):
-                scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, step, best, history = ckpt["epoch_done"], ckpt["step"], ckpt["best"], ckpt["history"]
-            torch.set_rng_state(ckpt["rng"]["torch"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a damaged or hand-made checkpoint
-            detail = (str(e).strip().splitlines() or ["?"])[0]
-            raise UserError(f"{args.resume}: cannot resume from it (damaged training state: {type(e).__name__}: {detail})") from None
-        run_dir = os.path.dirname(os.path.abspath(args.resume))
-        log(f"resumed {args.resume}: {start_epoch} epoch(s) done, step {step}")
-    else:
-        run_dir = new_run_dir(args) if main_proc else None
-    if world > 1:
-        box = [run_dir]
-        dist.broadcast_object_list(box)
-        run_dir = box[0]
-    n_params = sum(p.numel() for p in net.parameters())
-    log(f"model {args.model} ({n_params / 1e6:.2f} M parameters, head {net.config.get('head')}), loss {loss_fn.spec}, "
-        f"{args.optimizer} lr {args.lr:g} (encoder {args.encoder_lr if args.encoder_lr is not None else args.lr:g}), "
-        f"scheduler {args.scheduler}" + ((f" over a {args.time_budget:g}-minute budget" if args.scheduler in ("onecycle", "cosine")
-                                          else f", stopping after {args.time_budget:g} minutes") if args.time_budget else "")
-        + (f", EMA {args.ema:g}" if ema_net is not None else "") + f", run folder {run_dir}")
+            best = load_checkpoint(os.path.join(run.dir, "best.pth"))
+            stale = best.get("epoch_done", best.get("epoch")) != run.epoch
+        except UserError:
+            stale = True
+        if stale:
+            save_checkpoints(run, env, ["best.pth"])
+            env.log(f"rewrote best.pth (epoch {run.epoch}): a crash had cut its write short")
 
-    # fixed evaluation sets: all of val (sharded over processes), evenly spaced train frames, 3 figure frames
-    val_idx = list(range(len(val_set)))[rank::world]
-    n_te = len(train_set) if args.train_eval_frames <= 0 else min(args.train_eval_frames, len(train_set))
-    train_eval_idx = sorted({round(i * (len(train_set) - 1) / max(1, n_te - 1)) for i in range(n_te)})[rank::world]
-    fig_idx = sorted({0, len(val_set) // 2, len(val_set) - 1})
-    eval_bs = max(args.batch_size, 16)
 
-    def split_metrics(split_set, idx, which=None):
-        total = evaluate_batches(which or eval_net, eval_batches(split_set, idx, eval_bs), device, amp_dtype, channels_last)
-        if world > 1:
-            keys = sorted(total)
-            t = torch.tensor([total[k] for k in keys], dtype=torch.float64, device=device)
-            dist.all_reduce(t)
-            total = dict(zip(keys, t.tolist()))
-        return summarize(total)
+def request_stop(run, signum, _frame):
+    """Ctrl-C / SIGTERM: finish the current step, save last.pth, exit cleanly; a second one stops at once."""
+    if run.stop_signal is not None:
+        raise KeyboardInterrupt
+    run.stop_signal = signal.Signals(signum).name
 
-    def figures(tag):
-        if not main_proc:
-            return
-        was = eval_net.training
-        eval_net.eval()
-        with torch.inference_mode():
-            for i in fig_idx:
-                rgb, depth = val_set[i]
-                pred = predict_depth(eval_net, rgb[None].to(device), depth.shape[-2:], amp_dtype=amp_dtype, channels_last=channels_last)
-                visualize_img(rgb, depth, pred[0].cpu(), os.path.join(run_dir, "figures", f"{tag}_val{val_set.names[i]}.png"),
-                              title=f"{args.model} {tag}, val frame {val_set.names[i]}")
-        eval_net.train(was)
 
-    def kept():
-        last = os.path.join(run_dir, "last.pth")
-        return f"The last good checkpoint is kept: {last}" if os.path.exists(last) else "No checkpoint had been written yet."
+# ------------------------------------------------------------------------------------------------
+# one epoch, one evaluation
 
-    def save(path_names, epoch_done, epoch, in_epoch=None):
-        bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:  # a step with a finite loss but NaN/inf gradients: never let it replace a good checkpoint
-            raise FloatingPointError(f"weights hold NaN/inf (e.g. {bad[0]}) after step {step} (epoch {epoch}); stopping. {kept()}")
-        if not main_proc:
-            return
-        state = checkpoint_dict(args, net, optimizer, scheduler, scaler, epoch, step, best, history, epoch_done, ema_net)
-        state["in_epoch"], state["train_seconds"] = in_epoch, clock["seconds"]
-        for name in path_names:
-            try:
-                save_checkpoint(os.path.join(run_dir, name), state)
-            except OSError as e:
-                raise UserError(f"{os.path.join(run_dir, name)}: could not write checkpoint ({e.strerror or e}); "
-                                f"the previous file is intact") from None
-
+def train_one_epoch(run, data, env, epoch):
+    """Train epoch `epoch` (0-based) from where the run stands. Returns "done", "out_of_time" (--time_budget used up)
+    or "stopped" (a signal: last.pth then holds the exact place within the epoch)."""
+    args = run.args
+    torch.manual_seed(args.seed * SEED_TORCH + epoch)  # everything random in an epoch is fixed by (seed, epoch)
+    aug_gen = torch.Generator().manual_seed(args.seed * SEED_AUG[0] + epoch * SEED_AUG[1] + env.rank)
     augment = ds_lib.parse_augment(args.augment)
-    stop = {"signal": None}  # Ctrl-C / SIGTERM: finish the current step, save last.pth, exit cleanly
-
-    def request_stop(signum, _frame):
-        if stop["signal"] is not None:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        stop["signal"] = signal.Signals(signum).name
-
-    from tqdm import tqdm
-    resume_in_epoch = ckpt.get("in_epoch") if ckpt is not None else None
-    if main_proc:  # a SIGKILL can leave temp files, and can fall between writing last.pth and best.pth
-        remove_stale_temps(run_dir)
-        if ckpt is not None and not resume_in_epoch and best["epoch"] == start_epoch:
-            try:
-                stale = load_checkpoint(os.path.join(run_dir, "best.pth")).get("epoch") != start_epoch
-            except UserError:
-                stale = True
-            if stale:
-                save(["best.pth"], start_epoch, start_epoch)
-                log(f"rewrote best.pth (epoch {start_epoch}): a crash had cut its write short")
-    previous_handlers = {}  # put back on the way out (main.main may run inside a longer-lived process)
-    if main_proc or world == 1:
-        previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    model.train()
-    try:
-        for epoch in range(start_epoch, args.max_epochs):
-            torch.manual_seed(args.seed * 1000 + epoch)  # everything random in an epoch is fixed by (seed, epoch)
-            aug_gen = torch.Generator().manual_seed(args.seed * 7919 + epoch * 101 + rank)
-            indices = epoch_order(len(train_set), args.seed, epoch, rank, world)
-            skip, loss_sum, n_seen = 0, 0.0, 0
-            if resume_in_epoch:  # continue an epoch that a Ctrl-C cut short, exactly where it stopped
-                skip, loss_sum, n_seen = resume_in_epoch["steps"], resume_in_epoch["loss_sum"], resume_in_epoch["n_seen"]
-                aug_gen.set_state(resume_in_epoch["aug_rng"])
-                torch.set_rng_state(resume_in_epoch["torch_rng"])
-                resume_in_epoch = None
-            bar = tqdm(batches_of(train_set, stacked, indices[skip * args.batch_size:], args.batch_size, device, args.workers),
-                       total=steps_per_epoch, initial=skip, disable=not main_proc, dynamic_ncols=True,
-                       desc=f"epoch {epoch + 1}" + ("" if args.time_budget else f"/{args.max_epochs}"))
-            t0, n_timed, steps_done, out_of_time = time.time(), 0, skip, False
-            clock["since"] = t0
-            for rgb, depth_m in bar:
-                try:
-                    loss = train_step(step_fn_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler,
-                                      amp_dtype, channels_last, augment=augment and dict(augment, generator=aug_gen))
-                except FloatingPointError as e:
-                    raise FloatingPointError(f"{e} at step {step + 1} (epoch {epoch + 1}); stopping. {kept()}") from None
-                if ema_net is not None:
-                    ema_update(ema_net, net, args.ema, step)
-                step, steps_done = step + 1, steps_done + 1
-                now = time.time()
-                clock["seconds"], clock["since"] = clock["seconds"] + now - clock["since"], now
-                if world > 1 and args.time_budget:  # one clock for all processes: the slowest one's
-                    t = torch.tensor([clock["seconds"]], dtype=torch.float64, device=device)
-                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                    clock["seconds"] = t.item()
-                out_of_time = bool(args.time_budget) and clock["seconds"] >= 60 * args.time_budget
-                loss_sum, n_seen, n_timed = loss_sum + loss.item() * rgb.shape[0], n_seen + rgb.shape[0], n_timed + rgb.shape[0]
-                if main_proc and step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", img_s=f"{n_timed * world / (time.time() - t0):.1f}",
-                                    lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-                if args.visualize_every and step % args.visualize_every == 0:
-                    figures(f"step{step:06d}")
-                if out_of_time:
-                    break
-                if stop["signal"] is not None and steps_done < steps_per_epoch:
-                    bar.close()
-                    in_epoch = {"steps": steps_done, "loss_sum": loss_sum, "n_seen": n_seen,
-                                "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state()}
-                    save(["last.pth"], epoch, epoch + 1, in_epoch)
-                    log(f"\n{stop['signal']}: saved last.pth at step {step} (epoch {epoch + 1}, {steps_done}/{steps_per_epoch} steps); "
-                        f"continue with: python main.py --resume {os.path.join(run_dir, 'last.pth')}")
-                    return 130
-                clock["since"] = time.time()  # figures and the stop check are not training time
+    indices = epoch_order(len(data.train), args.seed, epoch, env.rank, env.world)
+    skip, loss_sum, n_seen = 0, 0.0, 0
+    if run.in_epoch:  # continue an epoch that a Ctrl-C cut short, exactly where it stopped
+        skip, loss_sum, n_seen = run.in_epoch["steps"], run.in_epoch["loss_sum"], run.in_epoch["n_seen"]
+        aug_gen.set_state(run.in_epoch["aug_rng"])
+        torch.set_rng_state(run.in_epoch["torch_rng"])
+        run.in_epoch = None
+    batches = batches_of(data.train, data.stacked, indices[skip * args.batch_size:], args.batch_size, env.device,
+                         args.workers)
+    bar = tqdm(batches, total=data.steps_per_epoch, initial=skip, disable=not env.main, dynamic_ncols=True,
+               desc=f"epoch {epoch + 1}" + ("" if args.time_budget else f"/{run.max_epochs}"))
+    t0, n_timed, steps_done, out_of_time = time.time(), 0, skip, False
+    since = t0
+    for rgb, depth_m in bar:
+        try:
+            loss = train_step(run.model, run.net.input_size, rgb, depth_m, run.loss_fn, run.optimizer, run.scheduler,
+                              run.scaler, env.amp_dtype, env.channels_last,
+                              augment=augment and dict(augment, generator=aug_gen))
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {run.step + 1} (epoch {epoch + 1}); stopping. "
+                                     f"{kept_message(run.dir)}") from None
+        if run.ema_net is not None:
+            ema_update(run.ema_net, run.net, args.ema, run.step)
+        run.step += 1
+        steps_done += 1
+        run.train_seconds += time.time() - since
+        if env.world > 1 and args.time_budget:  # one clock for all processes: the slowest one's
+            t = torch.tensor([run.train_seconds], dtype=torch.float64, device=env.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            run.train_seconds = t.item()
+        follow_clock(run)
+        out_of_time = bool(args.time_budget) and run.train_seconds >= 60 * args.time_budget
+        loss_sum += loss.item() * rgb.shape[0]
+        n_seen += rgb.shape[0]
+        n_timed += rgb.shape[0]
+        if env.main and run.step % 10 == 0:
+            bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}", img_s=f"{n_timed * env.world / (time.time() - t0):.1f}",
+                            lr=f"{run.optimizer.param_groups[-1]['lr']:.2e}")
+        if args.visualize_every and run.step % args.visualize_every == 0:
+            save_figures(run, data, env, f"step{run.step:06d}")
+        if out_of_time:
+            break
+        if run.stop_signal is not None and steps_done < data.steps_per_epoch:
             bar.close()
-            train_loss = loss_sum / max(1, n_seen)
-            row = {"epoch": epoch + 1, "step": step, "train_loss": train_loss, "lr": optimizer.param_groups[-1]["lr"],
-                   "images_per_s": n_timed * world / max(1e-9, time.time() - t0), "train_minutes": clock["seconds"] / 60}
-            history.append(row)
-            if (epoch + 1) % args.evaluate_every == 0 or epoch + 1 == args.max_epochs or out_of_time:
-                te = split_metrics(train_set, train_eval_idx)
-                va = split_metrics(val_set, val_idx)
-                row.update({"train_rmse": te["rmse"], "train_ssim": te["ssim"]}, **{f"val_{k}": v for k, v in va.items()})
-                if ema_net is not None:  # the raw weights too, to show what the average adds
-                    raw = split_metrics(val_set, val_idx, net)
-                    row.update(val_raw_rmse=raw["rmse"], val_raw_ssim=raw["ssim"])
-                is_best = va["rmse"] < best["val_rmse"]
-                if is_best:
-                    best = {"val_rmse": va["rmse"], "val_ssim": va["ssim"], "epoch": epoch + 1}
-                log(f"epoch {epoch + 1}: train loss {train_loss:.4f} | train RMSE {te['rmse']:.3f} SSIM {te['ssim']:.3f} "
-                    f"({n_te} frames) | val RMSE {va['rmse']:.3f} SSIM {va['ssim']:.3f}"
-                    + (f" (raw weights {row['val_raw_rmse']:.3f} / {row['val_raw_ssim']:.3f})" if ema_net is not None else "")
-                    + f" | {row['images_per_s']:.1f} img/s"
-                    + (" | new best val RMSE: best.pth" if is_best else f" | best val RMSE {best['val_rmse']:.3f} (epoch {best['epoch']})"))
-                if main_proc:
-                    write_metrics(run_dir, history)
-                    plot_curves([h for h in history if "val_rmse" in h], os.path.join(run_dir, "curves.png"))
-                    figures(f"epoch{epoch + 1:03d}")
-                save(["last.pth", f"epoch{epoch + 1:03d}.pth"] + (["best.pth"] if is_best else []), epoch + 1, epoch + 1)
-                if main_proc:
-                    prune_epoch_files(run_dir, args.keep)
-            else:
-                save(["last.pth"], epoch + 1, epoch + 1)
-            if out_of_time:
-                log(f"time budget of {args.time_budget:g} minutes used up in epoch {epoch + 1} (step {step})")
-                break
-            if stop["signal"] is not None or (args.stop_after_epochs is not None and args.stop_after_epochs <= epoch + 1 < args.max_epochs):
-                log(f"stopped after epoch {epoch + 1}; continue with: python main.py --resume {os.path.join(run_dir, 'last.pth')}")
-                return 130 if stop["signal"] else 0
-    except KeyboardInterrupt:
-        log("\ninterrupted twice: stopped at once; last.pth holds the last finished epoch")
-        return 130
-    finally:
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-    if main_proc and args.folds:  # the fold's result is its last evaluation: nothing is selected on the held-out block
-        last = history[-1]
-        result = {"fold": args.fold, "folds": args.folds, "guard": args.guard, "held_out": [val_set.names[0], val_set.names[-1]],
-                  "n_train": len(train_set), "n_held_out": len(val_set), "epochs": last["epoch"],
-                  "train_minutes": last["train_minutes"], "rmse": last["val_rmse"], "ssim": last["val_ssim"],
-                  **{k: v for k, v in last.items() if k.startswith("val_")}}
-        atomic_write(os.path.join(run_dir, "result.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
-        log(f"fold {args.fold}/{args.folds} done: held-out RMSE {last['val_rmse']:.4f} SSIM {last['val_ssim']:.4f} "
-            f"(last evaluation) -> {run_dir}/result.json")
-    if main_proc and best["epoch"] is not None:
-        log(f"done: best val RMSE {best['val_rmse']:.4f} SSIM {best['val_ssim']:.4f} at epoch {best['epoch']} -> {run_dir}/best.pth")
-    return 0
+            run.in_epoch = {"steps": steps_done, "loss_sum": loss_sum, "n_seen": n_seen,
+                            "aug_rng": aug_gen.get_state(), "torch_rng": torch.get_rng_state()}
+            save_checkpoints(run, env, ["last.pth"])
+            env.log(f"\n{run.stop_signal}: saved last.pth at step {run.step} (epoch {epoch + 1}, "
+                    f"{steps_done}/{data.steps_per_epoch} steps); continue with: "
+                    f"python main.py --resume {os.path.join(run.dir, 'last.pth')}")
+            return "stopped"
+        since = time.time()  # figures and the stop check are not training time
+    bar.close()
+    run.epoch = epoch + 1
+    run.history.append({"epoch": epoch + 1, "step": run.step, "train_loss": loss_sum / max(1, n_seen),
+                        "lr": run.optimizer.param_groups[-1]["lr"],
+                        "images_per_s": n_timed * env.world / max(1e-9, time.time() - t0),
+                        "train_minutes": run.train_seconds / 60})
+    return "out_of_time" if out_of_time else "done"
 
 
-def write_metrics(run_dir, history, name="metrics.csv"):
+def split_metrics(model, split_set, indices, env, batch_size):
+    """RMSE, SSIM, ... of a model on frames of a split, summed over all processes."""
+    batches = frame_batches(split_set, batch_size, indices)
+    total = evaluate_batches(model, batches, env.device, env.amp_dtype, env.channels_last)
+    if env.world > 1:
+        keys = sorted(total)
+        t = torch.tensor([total[k] for k in keys], dtype=torch.float64, device=env.device)
+        dist.all_reduce(t)
+        total = dict(zip(keys, t.tolist()))
+    return summarize(total)
+
+
+def save_figures(run, data, env, tag):
+    """input | ground truth | prediction | error of the fixed val frames, by the weights evaluation uses (rank 0)."""
+    if not env.main:
+        return
+    net = run.eval_net
+    was_training = net.training
+    net.eval()
+    with torch.inference_mode():
+        for i in data.fig_idx:
+            rgb, depth = data.val[i]
+            pred = predict_depth(net, rgb[None].to(env.device), depth.shape[-2:], amp_dtype=env.amp_dtype,
+                                 channels_last=env.channels_last)
+            name = data.val.names[i]
+            visualize_img(rgb, depth, pred[0].cpu(), os.path.join(run.dir, "figures", f"{tag}_val{name}.png"),
+                          title=f"{run.args.model} {tag}, val frame {name}")
+    net.train(was_training)
+
+
+def evaluate_and_save(run, data, env, out_of_time):
+    """After an epoch: every --evaluate_every epochs (and at the end) metrics, metrics.csv, curves, figures, last.pth,
+    epochNNN.pth and best.pth on a new best val RMSE; otherwise last.pth only."""
+    args, epoch, row = run.args, run.epoch, run.history[-1]
+    if not (epoch % args.evaluate_every == 0 or epoch == run.max_epochs or out_of_time):
+        save_checkpoints(run, env, ["last.pth"])
+        return
+    train_m = split_metrics(run.eval_net, data.train, data.train_eval_idx, env, data.eval_batch_size)
+    val_m = split_metrics(run.eval_net, data.val, data.val_idx, env, data.eval_batch_size)
+    row.update({"train_rmse": train_m["rmse"], "train_ssim": train_m["ssim"]}, **{f"val_{k}": v for k, v in val_m.items()})
+    text = [f"epoch {epoch}: train loss {row['train_loss']:.4f}",
+            f"train RMSE {train_m['rmse']:.3f} SSIM {train_m['ssim']:.3f} ({data.n_train_eval} frames)",
+            f"val RMSE {val_m['rmse']:.3f} SSIM {val_m['ssim']:.3f}"]
+    if run.ema_net is not None:  # the raw weights too, to show what the average adds
+        raw = split_metrics(run.net, data.val, data.val_idx, env, data.eval_batch_size)
+        row.update(val_raw_rmse=raw["rmse"], val_raw_ssim=raw["ssim"])
+        text[-1] += f" (raw weights {raw['rmse']:.3f} / {raw['ssim']:.3f})"
+    text.append(f"{row['images_per_s']:.1f} img/s")
+    is_best = val_m["rmse"] < run.best["val_rmse"]
+    if is_best:
+        run.best = {"val_rmse": val_m["rmse"], "val_ssim": val_m["ssim"], "epoch": epoch}
+        text.append("new best val RMSE: best.pth")
+    else:
+        text.append(f"best val RMSE {run.best['val_rmse']:.3f} (epoch {run.best['epoch']})")
+    env.log(" | ".join(text))
+    if env.main:
+        write_csv(os.path.join(run.dir, "metrics.csv"), run.history)
+        plot_curves([h for h in run.history if "val_rmse" in h], os.path.join(run.dir, "curves.png"))
+        save_figures(run, data, env, f"epoch{epoch:03d}")
+    save_checkpoints(run, env, ["last.pth", f"epoch{epoch:03d}.pth"] + (["best.pth"] if is_best else []))
+    if env.main:
+        prune_epoch_files(run.dir, args.keep)
+
+
+def write_csv(path, rows):
     keys = []
-    for row in history:
+    for row in rows:
         keys += [k for k in row if k not in keys]
-
-    def write(f):
-        import io
-        text = io.StringIO()
-        w = csv.DictWriter(text, fieldnames=keys)
-        w.writeheader()
-        w.writerows(history)
-        f.write(text.getvalue().encode())
-    atomic_write(os.path.join(run_dir, name), write)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def prune_epoch_files(run_dir, keep):
     files = sorted(f for f in os.listdir(run_dir) if f.startswith("epoch") and f.endswith(".pth"))
     for f in files[: max(0, len(files) - keep)]:
         os.remove(os.path.join(run_dir, f))
+
+
+def write_fold_result(run, data, env):
+    """A fold's result is its last evaluation (nothing is selected on the held-out block): result.json."""
+    args, last = run.args, run.history[-1]
+    result = {"fold": args.fold, "folds": args.folds, "guard": args.guard,
+              "held_out": [data.val.names[0], data.val.names[-1]], "n_train": len(data.train),
+              "n_held_out": len(data.val), "epochs": last["epoch"], "train_minutes": last["train_minutes"],
+              "rmse": last["val_rmse"], "ssim": last["val_ssim"], **{k: v for k, v in last.items() if k.startswith("val_")}}
+    atomic_write(os.path.join(run.dir, "result.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    env.log(f"fold {args.fold}/{args.folds} done: held-out RMSE {last['val_rmse']:.4f} SSIM {last['val_ssim']:.4f} "
+            f"(last evaluation) -> {run.dir}/result.json")
+
+
+# ------------------------------------------------------------------------------------------------
+
+def train(args, ckpt=None):
+    """A whole training run (or the rest of one, from `ckpt`). 0 when done, 130 when stopped by a signal."""
+    env = setup(args)
+    data = load_data(args, env)
+    run = build_run(args, env, data, ckpt)
+    repair_run_dir(run, env)
+    previous_handlers = {}  # put back on the way out (main.main may run inside a longer-lived process)
+    if env.main or env.world == 1:
+        handler = functools.partial(request_stop, run)
+        previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    run.model.train()
+    last_pth = os.path.join(run.dir or "", "last.pth")
+    try:
+        for epoch in range(run.epoch, run.max_epochs):
+            status = train_one_epoch(run, data, env, epoch)
+            if status == "stopped":
+                return 130
+            evaluate_and_save(run, data, env, out_of_time=status == "out_of_time")
+            if status == "out_of_time":
+                env.log(f"time budget of {args.time_budget:g} minutes used up in epoch {run.epoch} (step {run.step})")
+                break
+            asked = args.stop_after_epochs is not None and args.stop_after_epochs <= run.epoch < run.max_epochs
+            if run.stop_signal is not None or asked:
+                env.log(f"stopped after epoch {run.epoch}; continue with: python main.py --resume {last_pth}")
+                return 130 if run.stop_signal else 0
+    except KeyboardInterrupt:
+        env.log("\ninterrupted twice: stopped at once; last.pth holds the last finished epoch")
+        return 130
+    finally:
+        for s, previous in previous_handlers.items():
+            signal.signal(s, previous)
+        if env.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if env.main and args.folds:
+        write_fold_result(run, data, env)
+    if env.main and run.best["epoch"] is not None:
+        env.log(f"done: best val RMSE {run.best['val_rmse']:.4f} SSIM {run.best['val_ssim']:.4f} at epoch "
+                f"{run.best['epoch']} -> {run.dir}/best.pth")
+    return 0
 
 
 def cross_validate(args, argv):
@@ -646,10 +772,10 @@ def cross_validate(args, argv):
         if not os.path.exists(os.path.join(fold_dir, "result.json")):
             if os.path.exists(os.path.join(fold_dir, "last.pth")):
                 print(f"fold {k}/{args.folds}: continuing {fold_dir}/last.pth")
-                code = train(parse_args(["--resume", os.path.join(fold_dir, "last.pth")]))
+                code = train(*parse_args(["--resume", os.path.join(fold_dir, "last.pth")]))
             else:
                 print(f"fold {k}/{args.folds}: training in {fold_dir}")
-                code = train(parse_args(argv + ["--fold", str(k), "--ckpt_dir", cv_dir, "--ckpt_name", f"fold{k}"]))
+                code = train(*parse_args(argv + ["--fold", str(k), "--ckpt_dir", cv_dir, "--ckpt_name", f"fold{k}"]))
             if code != 0 or not os.path.exists(os.path.join(fold_dir, "result.json")):
                 print(f"cross-validation paused at fold {k}; run the same command again to continue")
                 return code or 130
@@ -657,46 +783,57 @@ def cross_validate(args, argv):
             results.append(json.load(f))
     table = cv_table(results)
     atomic_write(os.path.join(cv_dir, "cv.md"), lambda f: f.write(table.encode()))
-    write_metrics(cv_dir, results, "cv.csv")
+    write_csv(os.path.join(cv_dir, "cv.csv"), results)
     print(table + f"\nwrote {cv_dir}/cv.md and cv.csv")
     return 0
 
 
+def mean_std(xs):
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(xs) / len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+
 def cv_table(results):
     """Markdown: one row per fold, then mean and sample standard deviation over folds."""
-    mean = lambda xs: sum(xs) / len(xs)
-    std = lambda xs: math.sqrt(sum((x - mean(xs)) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     lines = ["| fold | held-out frames | train frames | epochs | train min | RMSE | SSIM |", "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['fold']} | {r['held_out'][0]}..{r['held_out'][1]} ({r['n_held_out']}) | {r['n_train']} | "
                      f"{r['epochs']} | {r['train_minutes']:.1f} | {r['rmse']:.3f} | {r['ssim']:.3f} |")
-    rmse, ssim_ = [r["rmse"] for r in results], [r["ssim"] for r in results]
-    lines.append(f"| mean ± std | | | | | {mean(rmse):.3f} ± {std(rmse):.3f} | {mean(ssim_):.3f} ± {std(ssim_):.3f} |")
+    rmse, ssim_ = mean_std([r["rmse"] for r in results]), mean_std([r["ssim"] for r in results])
+    lines.append(f"| mean ± std | | | | | {rmse[0]:.3f} ± {rmse[1]:.3f} | {ssim_[0]:.3f} ± {ssim_[1]:.3f} |")
     return "\n".join(lines) + "\n"
 
 
+def check_args(args):
+    """Checks that need no data: a malformed spec or fold setting fails before anything is read."""
+    for flag, check in (("--loss", build_loss), ("--augment", ds_lib.parse_augment)):
+        try:
+            check(getattr(args, flag[2:]))
+        except ValueError as e:
+            raise UserError(f"{flag}: {e}") from None
+    if args.folds and (args.folds < 2 or args.fold is not None and not 1 <= args.fold <= args.folds):
+        raise UserError(f"--folds must be 2 or more and --fold between 1 and --folds, got {args.folds} and {args.fold}")
+    if args.fold is not None and not args.folds:
+        raise UserError("--fold needs --folds N")
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parse_args(argv)
+        args, ckpt = parse_args(argv)
         if args.list_models:
-            print("\n".join(model_lib.list_models()))
+            print("\n".join(list_models()))
             return 0
         if args.export:
-            out = export_checkpoint(*args.export, half=args.export_fp16, tta=None if args.export_tta == "none" else args.export_tta)
+            tta = None if args.export_tta == "none" else args.export_tta
+            out = export_checkpoint(*args.export, half=args.export_fp16, tta=tta)
             print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, {'fp16' if args.export_fp16 else 'fp32'} weights)")
             return 0
-        for flag, check in (("--loss", build_loss), ("--augment", ds_lib.parse_augment)):
-            try:
-                check(getattr(args, flag[2:]))  # a malformed spec fails before any data is read
-            except ValueError as e:
-                raise UserError(f"{flag}: {e}") from None
-        if args.folds and (args.folds < 2 or args.fold is not None and not 1 <= args.fold <= args.folds):
-            raise UserError(f"--folds must be 2 or more and --fold between 1 and --folds, got {args.folds} and {args.fold}")
-        if args.fold is not None and not args.folds:
-            raise UserError("--fold needs --folds N")
+        check_args(args)
         if args.folds and args.fold is None:
-            return cross_validate(args, list(sys.argv[1:] if argv is None else argv))
-        return train(args)
+            return cross_validate(args, argv)
+        return train(args, ckpt)
     except (UserError, FloatingPointError, OSError) as e:  # OSError: a full disk or a folder that cannot be written
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2

@@ -10,33 +10,37 @@ mean/std) and returns depth [B,1,H,W] in metres at the input's size, for any H, 
     convnext_unet the ConvNeXt report: timm ConvNeXt + residual U-Net decoder
     effnet_unet   EfficientNet-Lite0 (offline ImageNet weights) + residual U-Net decoder
 
+The checkpoint format lives here too (writing, safe reading, rebuilding the model a checkpoint
+describes, export), with `predict_depth`, the one inference path of training-time evaluation,
+evaluate.py and benchmark.py.
+
 Heads: "clip" (default) is an unbounded linear output, returned raw in training (the clip-aware
 losses count >20 m as right where the truth is at the 20 m clip) and clamped to [0, 20] in eval;
 "sigmoid" is 20 * sigmoid(x) always.
 
     python model.py --check-imagenet cat.jpg   # verifies the offline EfficientNet-Lite weights
 """
+import functools
 import glob
 import importlib
 import inspect
+import io
 import math
 import os
+import warnings
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import MAX_DEPTH, UserError
+from utils import MAX_DEPTH, UserError, atomic_write, autocast, first_line
 
 HEADS = ("clip", "sigmoid")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EFFNET_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
-
-
-def first_line(e):
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+STEM_NAMES = ("conv_stem", "bn1", "conv1", "stem", "stem_0", "stem_1")  # encoder stems (timm names), for freezing
+CKPT_FORMAT = "depthkit-checkpoint-v1"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -50,9 +54,8 @@ class DepthModel(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
         self.input_size = tuple(input_size) if input_size else None  # None: the data's native size
-        self.frozen = tuple(frozen)  # encoder submodules with no gradient and BN kept in eval mode
-        for name in self.frozen:
-            self.encoder.get_submodule(name).requires_grad_(False)
+        self.frozen = ()  # encoder submodules with no gradient and BN kept in eval mode ("": all of it)
+        freeze(self, frozen)
         self.head, self.config = "clip", {}
 
     def train(self, mode=True):
@@ -69,6 +72,51 @@ class DepthModel(nn.Module):
         if self.head == "sigmoid":
             return MAX_DEPTH * torch.sigmoid(out)
         return out if self.training else out.clamp(0.0, MAX_DEPTH)
+
+
+def freeze(model, names):
+    """Freeze encoder submodules (names; "" is the whole encoder): no gradient, batch norm kept in eval mode."""
+    model.frozen = tuple(model.frozen) + tuple(n for n in names if n not in model.frozen)
+    for name in names:
+        model.encoder.get_submodule(name).requires_grad_(False)
+    model.train(model.training)
+
+
+def freeze_encoder(model, what):
+    """--freeze: "none", "stem" (the encoder's stem layers, by their timm names) or "encoder" (all of it)."""
+    if what == "encoder":
+        freeze(model, [""])
+    elif what == "stem":
+        freeze(model, [name for name, _ in model.encoder.named_children() if name in STEM_NAMES])
+
+
+def fit_input(rgb, input_size):
+    """RGB resized (bilinear, antialiased) to a model's fixed input size; unchanged when it has none or fits."""
+    if not input_size or tuple(rgb.shape[-2:]) == tuple(input_size):
+        return rgb
+    return F.interpolate(rgb, size=tuple(input_size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def predict_depth(model, rgb, out_hw=None, tta=False, amp_dtype=None, channels_last=False):
+    """Depth in metres [B,1,H,W] at out_hw (default: the input's size), clamped to [0, 20].
+
+    The input is resized to the model's fixed input size if it has one (`model.input_size`), and the
+    prediction is resized back, so metrics are always taken at the ground truth's resolution.
+    tta=True averages with the prediction of the horizontally flipped image. Call in eval mode.
+    """
+    out_hw = tuple(out_hw or rgb.shape[-2:])
+    x = fit_input(rgb, getattr(getattr(model, "module", model), "input_size", None))
+    if tta:
+        x = torch.cat([x, x.flip(-1)])
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, amp_dtype):
+        pred = model(x).float()
+    if tta:
+        pred = 0.5 * (pred[: rgb.shape[0]] + pred[rgb.shape[0]:].flip(-1))
+    if tuple(pred.shape[-2:]) != out_hw:
+        pred = F.interpolate(pred, size=out_hw, mode="bilinear", align_corners=False)
+    return pred.clamp(0.0, MAX_DEPTH)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -171,21 +219,8 @@ def make_encoder(name, pretrained=False):
 
 
 def read_state_dict(path):
-    """A state dict from a file (torch.load weights_only), unwrapped from 'state_dict'/'model', no 'module.'."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: encoder weights file not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: not a readable weights-only state dict ({first_line(e)})") from None
-    is_sd = lambda o: isinstance(o, dict) and len(o) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in o.items())
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and is_sd(obj.get(key)):
-            obj = obj[key]
-            break
-    if not is_sd(obj):
-        raise UserError(f"{path}: holds no state dict (a dict of tensors, or one under 'state_dict' or 'model')")
-    sd = {k.removeprefix("module."): v for k, v in obj.items()}
+    """An encoder's state dict from a file (read safely, as checkpoints are); a whole depthkit model gives its encoder."""
+    sd = find_state_dict(load_checkpoint(path), path)
     if any(k.startswith("encoder.") for k in sd) and any(k.startswith("decoder.") for k in sd):  # a whole depthkit model
         sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
     return sd
@@ -274,12 +309,6 @@ def load_efficientnet_lite_imagenet(timm_model_name="tf_efficientnet_lite0"):
 # ------------------------------------------------------------------------------------------------
 # variants: builder(pretrained, encoder=..., **options) -> DepthModel; defaults are the options' record
 
-def unet_model(pretrained, encoder, decoder_channels, block):
-    enc = make_encoder(encoder, pretrained)
-    decoder = UNetDecoder(enc.feature_info.channels(), enc.feature_info.reduction()[0], decoder_channels, block)
-    return DepthModel(enc, decoder)
-
-
 def build_baseline(pretrained, encoder="resnet50"):
     enc = make_encoder(encoder, pretrained)
     c = enc.feature_info.channels()[-1]
@@ -304,30 +333,28 @@ def build_resnet34(pretrained, encoder="resnet34"):
 
 
 def build_unet(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="plain"):
-    return unet_model(pretrained, encoder, decoder_channels, block)
-
-
-def build_unet_res(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="res"):
-    return unet_model(pretrained, encoder, decoder_channels, block)
+    enc = make_encoder(encoder, pretrained)
+    decoder = UNetDecoder(enc.feature_info.channels(), enc.feature_info.reduction()[0], decoder_channels, block)
+    return DepthModel(enc, decoder)
 
 
 def build_convnext_unet(pretrained, encoder="convnext_tiny", decoder_channels=(256, 128, 64, 32, 16), block="res"):
     if not str(encoder).startswith("convnext"):
         raise UserError(f"model convnext_unet needs a timm ConvNeXt encoder (convnext_tiny, convnext_base, ...), got {encoder}")
-    return unet_model(pretrained, encoder, decoder_channels, block)
+    return build_unet(pretrained, encoder, decoder_channels, block)
 
 
 def build_effnet_unet(pretrained, encoder="tf_efficientnet_lite0", decoder_channels=(96, 64, 32, 24, 16), block="res"):
     if encoder not in EFFNET_LITE:
         raise UserError(f"model effnet_unet takes encoder {', '.join(EFFNET_LITE)}, got {encoder}")
-    return unet_model(pretrained, encoder, decoder_channels, block)
+    return build_unet(pretrained, encoder, decoder_channels, block)
 
 
 MODELS = {
     "baseline": (build_baseline, "ResNet-50, 4x ConvTranspose2d+ReLU, 1x1 conv (no skips)"),
     "resnet34": (build_resnet34, "the ResNet-34 report: frozen stem, ConvT/1x1 decoder with BN, 224x224 input"),
     "unet": (build_unet, "ResNet-50 + U-Net decoder (conv3x3+BN+ReLU x2 per scale)"),
-    "unet_res": (build_unet_res, "U-Net with residual decoder blocks; any timm encoder via --encoder (default resnet50)"),
+    "unet_res": (functools.partial(build_unet, block="res"), "U-Net with residual decoder blocks; any timm encoder via --encoder (default resnet50)"),
     "convnext_unet": (build_convnext_unet, "the ConvNeXt report: timm ConvNeXt (default convnext_tiny) + residual U-Net"),
     "effnet_unet": (build_effnet_unet, "EfficientNet-Lite0/1/2 (offline ImageNet weights) + residual U-Net; small, CPU-friendly"),
 }
@@ -375,6 +402,106 @@ def param_groups(model):
     encoder_params = [p for p in net.encoder.parameters() if p.requires_grad]
     decoder_params = [p for p in net.parameters() if p.requires_grad and id(p) not in encoder_ids]
     return encoder_params, decoder_params
+
+
+# ------------------------------------------------------------------------------------------------
+# checkpoints: one self-describing format of plain types and tensors (torch.load(weights_only=True) reads it)
+
+def save_checkpoint(path, ckpt):
+    """Write a checkpoint dict atomically. It must hold 'model' (name + options) and 'state_dict'."""
+    for key in ("model", "state_dict"):
+        if key not in ckpt:
+            raise ValueError(f"checkpoint dict lacks '{key}'")
+    ckpt = dict(ckpt, format=CKPT_FORMAT)
+    buf = io.BytesIO()  # torch.save straight to a file turns a full disk into "unexpected pos ..." RuntimeErrors
+    torch.save(ckpt, buf)
+    atomic_write(path, lambda f: f.write(buf.getbuffer()))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint or a bare state dict safely (weights_only=True); UserError on anything else.
+
+    Returns the loaded dict. A dict of tensors (a bare state_dict) comes back as it is; the caller
+    decides whether it can use one.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: checkpoint file not found")
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path}: checkpoint file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():  # torch warns about legacy pickles; the refusal below says it in one line
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
+        text = str(e)
+        if "Unsupported global" in text or "not an allowed global" in text:
+            raise UserError(f"{path}: refused: it holds Python objects other than tensors and plain types "
+                            f"(loading it could run code); only weights-only checkpoints are accepted") from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        raise UserError(f"{path}: not a readable checkpoint (truncated, corrupt or not a PyTorch file: "
+                        f"{first_line(detail or e)[:200]})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
+    return obj
+
+
+def is_state_dict(obj):
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+
+
+def find_state_dict(obj, source):
+    """The state dict in a loaded file: the file itself, or the one under 'state_dict', 'model_state_dict' or
+    'model'; without a 'module.' prefix (DistributedDataParallel). UserError naming `source` when there is none."""
+    state = next((obj[k] for k in ("state_dict", "model_state_dict", "model") if is_state_dict(obj.get(k))), obj)
+    if not is_state_dict(state):
+        raise UserError(f"{source}: holds no state dict (a dict of tensors, or one under 'state_dict', "
+                        f"'model_state_dict' or 'model')")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def model_from_checkpoint(config, state, source):
+    """The model a checkpoint describes (config: model name and options), with its weights loaded.
+
+    UserError naming `source` when the description cannot be built or the weights do not fit it. Options
+    that would fetch or read other files (pretrained, encoder_weights) are ignored: the weights are here.
+    """
+    if not isinstance(config, dict) or not is_state_dict(state):
+        raise UserError(f"{source}: not a depth checkpoint (no model description and state dict of tensors)")
+    config = {k: v for k, v in config.items() if k not in ("pretrained", "encoder_weights")}
+    try:
+        net = build_model(**config)
+    except (UserError, TypeError) as e:
+        raise UserError(f"{source}: cannot build the model it describes ({e})") from None
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = [f"{len(x)} {what} (e.g. {', '.join(x[:3])})" for x, what in
+                 [(missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "shape mismatches")] if x]
+        raise UserError(f"{source}: weights do not fit model '{config['name']}': " + "; ".join(parts))
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return net
+
+
+def export_checkpoint(src, dst, half=False, tta=None):
+    """A shippable copy of a training checkpoint: the evaluated weights (fp16 with half=True) and the run's record
+    (args, history, best), without optimizer or resume state. Never overwrites dst. tta: the test-time augmentation
+    evaluate.py applies by default to this checkpoint ("flip" or None)."""
+    ckpt = load_checkpoint(src)
+    if not isinstance(ckpt.get("model"), dict) or not is_state_dict(ckpt.get("state_dict")):
+        raise UserError(f"{src}: not a main.py checkpoint (no model description and state dict)")
+    if os.path.exists(dst):
+        raise UserError(f"{dst}: exists; export writes a new file only (move the old one away first)")
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    slim = {k: ckpt[k] for k in ("model", "input_size", "epoch", "step", "best", "args", "history", "versions", "train_seconds")
+            if k in ckpt}
+    save_checkpoint(dst, dict(slim, state_dict=state, exported_from=os.path.basename(src), tta=tta))
+    return dst
 
 
 # ------------------------------------------------------------------------------------------------

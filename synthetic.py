@@ -32,6 +32,9 @@ import os
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
+
+from utils import atomic_write
 
 FAR_M = 100.0            # depth of sky / misses / hits beyond the far plane (the real data's sky value)
 HEIGHT, WIDTH = 144, 256
@@ -501,17 +504,6 @@ def render_frame(seed, frame, height=HEIGHT, width=WIDTH):
 # ------------------------------------------------------------------------------------------------
 # the dataset layout
 
-def _write_atomic(path, write):
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def make_dataset(out_dir, n_train=200, n_val=50, n_test=0, seed=0, height=HEIGHT, width=WIDTH, progress=True):
     """Write OUT/rgb/<split>/<frame>.jpeg + OUT/depth/<split>/<frame>.npy, frames numbered across splits."""
     jobs, frame = [], 0
@@ -523,13 +515,12 @@ def make_dataset(out_dir, n_train=200, n_val=50, n_test=0, seed=0, height=HEIGHT
             jobs.append((split, frame))
             frame += 1
     if progress:
-        from tqdm import tqdm
         jobs = tqdm(jobs, desc=f"synthetic scenes -> {out_dir}", unit="frame")
     for split, frame in jobs:
         rgb, depth_m = render_frame(seed, frame, height, width)
-        _write_atomic(os.path.join(out_dir, "rgb", split, f"{frame}.jpeg"),
+        atomic_write(os.path.join(out_dir, "rgb", split, f"{frame}.jpeg"),
                       lambda f: Image.fromarray(rgb).save(f, format="JPEG", quality=95))
-        _write_atomic(os.path.join(out_dir, "depth", split, f"{frame}.npy"), lambda f: np.save(f, depth_m))
+        atomic_write(os.path.join(out_dir, "depth", split, f"{frame}.npy"), lambda f: np.save(f, depth_m))
     return out_dir
 
 

@@ -1,11 +1,13 @@
-"""Shared pieces used by training, evaluation and tests alike.
+"""The bottom layer, shared by every other file and importing none of them.
 
-One SSIM (the course definition), one metrics function (accumulated over a whole split), the
-figure (`visualize_img`), seeding, device choice, atomic writes and the one checkpoint format.
+The user-facing error, the one SSIM (the course definition), the one metrics function (accumulated
+over a whole split), the figures (`visualize_img`, `plot_curves`), seeding, device and speed choices
+(`fast_path`), and atomic file writes.
 """
-import io
+import contextlib
 import math
 import os
+import platform
 import random
 import re
 import tempfile
@@ -17,11 +19,16 @@ import torch.nn.functional as F
 
 MAX_DEPTH = 20.0  # metres; every depth map is clipped to [0, MAX_DEPTH]
 EPS_DEPTH = 1e-3  # metres; floor for the log and relative metrics
-CKPT_FORMAT = "depthkit-checkpoint-v1"
 
 
 class UserError(Exception):
     """A problem the user can act on. Command-line tools print it as one line and exit with 2."""
+
+
+def first_line(e):
+    """The first line of an exception's message (its type name when it has none), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,6 +178,27 @@ def visualize_img(rgb, depth, pred, path, title=None):
         atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
+def plot_curves(history, path):
+    """RMSE and SSIM (train and val) against epoch, saved as a PNG (never blocks)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    epochs = [h["epoch"] for h in history]
+    for i, metric in enumerate(["rmse", "ssim"]):
+        ax = fig.add_subplot(1, 2, i + 1)
+        for split, style in [("train", "o--"), ("val", "o-")]:
+            ys = [h.get(f"{split}_{metric}") for h in history]
+            if any(y is not None for y in ys):
+                ax.plot(epochs, ys, style, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric.upper() + (" (m, lower is better)" if metric == "rmse" else " (higher is better)"))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeding, device, atomic writes
 
@@ -232,98 +260,7 @@ def remove_stale_temps(folder):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: one self-describing format, plain types and tensors only (weights_only=True loads it)
-
-def save_checkpoint(path, ckpt):
-    """Write a checkpoint dict atomically. It must hold 'format', 'model' (name + options) and 'state_dict'."""
-    for key in ("model", "state_dict"):
-        if key not in ckpt:
-            raise ValueError(f"checkpoint dict lacks '{key}'")
-    ckpt = dict(ckpt, format=CKPT_FORMAT)
-    buf = io.BytesIO()  # torch.save straight to a file turns a full disk into "unexpected pos ..." RuntimeErrors
-    torch.save(ckpt, buf)
-    atomic_write(path, lambda f: f.write(buf.getbuffer()))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint or a bare state dict safely (weights_only=True); UserError on anything else.
-
-    Returns the loaded dict. A dict of tensors (a bare state_dict) comes back as it is; the caller
-    decides whether it can use one.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"{path}: checkpoint file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a folder, not a checkpoint file")
-    if os.path.getsize(path) == 0:
-        raise UserError(f"{path}: checkpoint file is empty (0 bytes)")
-    try:
-        with warnings.catch_warnings():  # torch warns about legacy pickles; the refusal below says it in one line
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
-        text = str(e)
-        if "Unsupported global" in text or "not an allowed global" in text:
-            raise UserError(f"{path}: refused: it holds Python objects other than tensors and plain types "
-                            f"(loading it could run code); only weights-only checkpoints are accepted") from None
-        detail = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()
-        detail = detail[0].strip() if detail and detail[0].strip() else (text.strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path}: not a readable checkpoint (truncated, corrupt or not a PyTorch file: {detail[:200]})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
-    return obj
-
-
-def export_checkpoint(src, dst, half=False, tta=None):
-    """A shippable copy of a training checkpoint: the evaluated weights (fp16 with half=True) and the run's record
-    (args, history, best), without optimizer or resume state. Never overwrites dst. tta: the test-time augmentation
-    evaluate.py applies by default to this checkpoint ("flip" or None)."""
-    ckpt = load_checkpoint(src)
-    if not isinstance(ckpt.get("model"), dict) or not is_state_dict(ckpt.get("state_dict")):
-        raise UserError(f"{src}: not a main.py checkpoint (no model description and state dict)")
-    if os.path.exists(dst):
-        raise UserError(f"{dst}: exists; export writes a new file only (move the old one away first)")
-    state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    slim = {k: ckpt[k] for k in ("model", "input_size", "epoch", "step", "best", "args", "history", "versions", "train_seconds")
-            if k in ckpt}
-    save_checkpoint(dst, dict(slim, state_dict=state, exported_from=os.path.basename(src), tta=tta))
-    return dst
-
-
-def is_state_dict(obj):
-    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
-
-
-def model_from_checkpoint(config, state, source):
-    """The model a checkpoint describes (config: model name and options), with its weights loaded.
-
-    UserError naming `source` when the description cannot be built or the weights do not fit it. Options
-    that would fetch or read other files (pretrained, encoder_weights) are ignored: the weights are here.
-    """
-    import model as model_lib  # model.py imports this module
-    if not isinstance(config, dict) or not is_state_dict(state):
-        raise UserError(f"{source}: not a depth checkpoint (no model description and state dict of tensors)")
-    config = {k: v for k, v in config.items() if k not in ("pretrained", "encoder_weights")}
-    try:
-        net = model_lib.build_model(**config)
-    except (UserError, TypeError) as e:
-        raise UserError(f"{source}: cannot build the model it describes ({e})") from None
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{len(x)} {what} (e.g. {', '.join(x[:3])})" for x, what in
-                 [(missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "shape mismatches")] if x]
-        raise UserError(f"{source}: weights do not fit model '{config['name']}': " + "; ".join(parts))
-    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return net
-
-
-# ----------------------------------------------------------------------------------------------
-# Speed choices and the one prediction path (used by training-time evaluation, evaluate.py, benchmark)
+# Speed choices: by what the device can do, never by assumption
 
 def cpu_flags():
     try:
@@ -344,7 +281,6 @@ def cpu_model_name():
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
     return platform.processor() or "unknown CPU"
 
 
@@ -366,7 +302,7 @@ def fast_path(device, amp="auto", channels_last="auto"):
         auto_dtype = torch.bfloat16 if bf16_isa else None
         why = f"{cpu_model_name()}, {torch.backends.cpu.get_cpu_capability()}, " + \
             (f"{bf16_isa[0]}: bf16 autocast" if bf16_isa else "no bf16 instructions: fp32")
-    dtype = {"auto": auto_dtype, "none": None, "off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    dtype = {"auto": auto_dtype, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     if device.type == "cpu" and dtype == torch.float16:
         raise UserError("--amp fp16 is for CUDA; on a CPU use --amp bf16 or none")
     cl = {"auto": True, "on": True, "off": False}[channels_last] if isinstance(channels_last, str) else bool(channels_last)
@@ -374,74 +310,6 @@ def fast_path(device, amp="auto", channels_last="auto"):
 
 
 def autocast(device, dtype):
-    import contextlib
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def predict_depth(model, rgb, out_hw=None, tta=False, amp_dtype=None, channels_last=False):
-    """Depth in metres [B,1,H,W] at out_hw (default: the input's size), clamped to [0, 20].
-
-    The input is resized to the model's fixed input size if it has one (`model.input_size`), and the
-    prediction is resized back, so metrics are always taken at the ground truth's resolution.
-    tta=True averages with the prediction of the horizontally flipped image. Call in eval mode.
-    """
-    out_hw = tuple(out_hw or rgb.shape[-2:])
-    net = getattr(model, "module", model)
-    in_hw = getattr(net, "input_size", None)
-    x = rgb if not in_hw or tuple(rgb.shape[-2:]) == tuple(in_hw) else \
-        F.interpolate(rgb, size=tuple(in_hw), mode="bilinear", align_corners=False, antialias=True)
-    if tta:
-        x = torch.cat([x, x.flip(-1)])
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(x.device, amp_dtype):
-        pred = model(x).float()
-    if tta:
-        pred = 0.5 * (pred[: rgb.shape[0]] + pred[rgb.shape[0]:].flip(-1))
-    if tuple(pred.shape[-2:]) != out_hw:
-        pred = F.interpolate(pred, size=out_hw, mode="bilinear", align_corners=False)
-    return pred.clamp(0.0, MAX_DEPTH)
-
-
-def evaluate_batches(model, batches, device, amp_dtype=None, channels_last=False, tta=False, on_batch=None):
-    """Metric totals (see `add_sums`) of a model over (rgb, depth) batches, under inference_mode.
-
-    on_batch(pred_m, depth_m, sums) is called for each batch (per-image outputs, per-batch protocols).
-    """
-    was_training = model.training
-    model.eval()
-    total = {}
-    with torch.inference_mode():
-        for rgb, depth_m in batches:
-            rgb = rgb.to(device, non_blocking=True)
-            depth_m = depth_m.to(device, non_blocking=True)
-            pred_m = predict_depth(model, rgb, depth_m.shape[-2:], tta, amp_dtype, channels_last)
-            sums = metric_sums(pred_m, depth_m)
-            add_sums(total, sums)
-            if on_batch is not None:
-                on_batch(pred_m, depth_m, sums)
-    model.train(was_training)
-    return total
-
-
-def plot_curves(history, path):
-    """RMSE and SSIM (train and val) against epoch, saved as a PNG (never blocks)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=(10, 3.6), dpi=100)
-    FigureCanvasAgg(fig)
-    epochs = [h["epoch"] for h in history]
-    for i, metric in enumerate(["rmse", "ssim"]):
-        ax = fig.add_subplot(1, 2, i + 1)
-        for split, style in [("train", "o--"), ("val", "o-")]:
-            ys = [h.get(f"{split}_{metric}") for h in history]
-            if any(y is not None for y in ys):
-                ax.plot(epochs, ys, style, label=split)
-        ax.set_xlabel("epoch")
-        ax.set_title(metric.upper() + (" (m, lower is better)" if metric == "rmse" else " (higher is better)"))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))

@@ -1,4 +1,5 @@
 """Pairing, layouts, loading errors, clipping, caching and paired augmentation."""
+import math
 import os
 
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 import torch
 
 from conftest import write_frame
-from dataset import DepthDataset, augment_batch, find_pairs, frame_sort_key, resize_pair
+import dataset
+from dataset import DepthDataset, augment_batch, cut_out, find_pairs, frame_sort_key, parse_augment, zoom_roll
 from utils import UserError
 
 
@@ -129,16 +131,68 @@ def test_jitter_changes_rgb_only_and_stays_in_range():
     assert rgb_a.min() >= 0 and rgb_a.max() <= 1
 
 
-def test_resize_pair_keeps_depth_values():
-    depth = torch.tensor([[1.0, 2.0], [3.0, 20.0]]).view(1, 1, 2, 2)
-    rgb, d = resize_pair(torch.rand(1, 3, 2, 2), depth, (4, 6))
-    assert rgb.shape == (1, 3, 4, 6) and d.shape == (1, 1, 4, 6)
-    assert set(d.unique().tolist()) == {1.0, 2.0, 3.0, 20.0}  # nearest: no invented depths
-
-
 def test_cache_keeps_float32_where_float16_would_round(tmp_path, tiny_frames):
     for i, (rgb, depth) in enumerate(tiny_frames(2)):
         write_frame(str(tmp_path), "train", str(i), rgb, depth)  # uniform floats: not float16 numbers
     plain, cached = DepthDataset(str(tmp_path), split="train"), DepthDataset(str(tmp_path), split="train", cache=True)
     assert cached.stacked()[1].dtype == torch.float32
     assert all(torch.equal(plain[i][1], cached[i][1]) for i in range(2))
+
+
+def constant_rand(value):
+    """A stand-in for augment_batch's random draws: every draw is `value`."""
+    return lambda *shape: torch.full(shape, float(value))
+
+
+@pytest.mark.parametrize("value", [0.0, 0.25, 0.5, 1.0])
+def test_geo_samples_inside_the_frame_and_divides_depth_by_the_zoom(monkeypatch, value):
+    """Whatever zoom, roll and shift are drawn (the extremes included), every sample falls inside the image, so no
+    border shows; depth is divided by the zoom (x = f X / Z), and pixels at the clip stay at the clip."""
+    grids, real = [], dataset.F.grid_sample
+    monkeypatch.setattr(dataset.F, "grid_sample", lambda x, grid, **k: grids.append(grid) or real(x, grid, **k))
+    depth = torch.full((2, 1, 36, 64), 8.0)
+    depth[:, :, :10] = 20.0  # sky at the clip across the top
+    rgb = torch.rand(2, 3, 36, 64)
+    _, depth_a = zoom_roll(rgb, depth, constant_rand(value))
+    assert all(g.abs().max() <= 1.0 + 1e-5 for g in grids)
+    roll = math.radians((value * 2 - 1) * dataset.GEO_ROLL_DEG)
+    zoom = max(1 + value * (dataset.GEO_ZOOM - 1), math.cos(roll) + 64 / 36 * abs(math.sin(roll)))
+    values = sorted(torch.unique(depth_a).tolist())
+    assert len(values) == 2 and values[0] == pytest.approx(8.0 / zoom, rel=1e-6) and values[1] == 20.0
+
+
+def test_geo_keeps_rgb_and_depth_aligned():
+    """RGB and depth go through one warp: a depth ramp written into the image stays where its depth is."""
+    ramp = torch.linspace(2.0, 18.0, 64).view(1, 1, 1, 64).expand(4, 1, 36, 64).clone()
+    rgb = (ramp / 20).expand(4, 3, 36, 64).clone()
+    g = torch.Generator().manual_seed(0)
+    rgb_a, depth_a = augment_batch(rgb, ramp, flip=False, jitter=0.0, geo=True, generator=g)
+    zoom = (rgb_a[:, :1] * 20 / depth_a).flatten(1).median(1).values.view(4, 1, 1, 1)  # depth / zoom, not the image
+    assert (zoom >= 1.0).all() and (zoom <= 1.3).all()
+    step = 16.0 / 63  # the ramp's change per pixel: nearest (depth) and bilinear (RGB) differ by at most ~1 pixel's
+    assert ((rgb_a[:, :1] * 20 - depth_a * zoom).abs() <= 1.5 * step * 1.3).float().mean() > 0.99
+
+
+def test_photo_and_cutout_change_rgb_only_and_stay_in_range():
+    g = torch.Generator().manual_seed(2)
+    rgb, depth = torch.rand(8, 3, 20, 24, generator=g), torch.rand(8, 1, 20, 24, generator=g) * 20
+    rgb_a, depth_a = augment_batch(rgb, depth, flip=False, jitter=0.0, photo=True, cutout=True, generator=g)
+    assert torch.equal(depth_a, depth) and not torch.equal(rgb_a, rgb)
+    assert rgb_a.min() >= 0 and rgb_a.max() <= 1 and torch.isfinite(rgb_a).all()
+
+
+def test_cutout_fills_one_box_with_the_image_mean():
+    rgb = torch.rand(1, 3, 20, 30)
+    out = cut_out(rgb, constant_rand(0.0))  # drawn 0: cut (0 < p), smallest box, top-left corner
+    changed = (out != rgb).any(1)[0]
+    rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+    assert (rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) == (0, 2, 0, 3)  # 0.1 * 20 rows, 0.1 * 30 cols
+    assert torch.allclose(out[0, :, 0, 0], rgb.mean((2, 3))[0])
+
+
+def test_augment_spec_parsing():
+    assert parse_augment("none") is None
+    assert parse_augment("flip+jitter") == {"flip": True, "jitter": 0.2, "geo": False, "photo": False, "cutout": False}
+    for bad in ("", "flip+rotate", "+"):
+        with pytest.raises(ValueError):
+            parse_augment(bad)

@@ -14,7 +14,8 @@ import torch
 import evaluate
 import model as model_lib
 from dataset import load_depth_m
-from utils import save_checkpoint, ssim
+from model import save_checkpoint
+from utils import ssim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

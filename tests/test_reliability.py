@@ -31,7 +31,8 @@ import losses
 import main as main_mod
 import utils
 from conftest import ROOT, exploit, message_lines, run_script
-from utils import TEMP_NAME, UserError, atomic_write, load_checkpoint, save_checkpoint
+from model import load_checkpoint, save_checkpoint
+from utils import TEMP_NAME, UserError, atomic_write
 
 MAIN = os.path.join(ROOT, "main.py")
 EPOCHS = 6  # evaluation (metrics.csv row, best.pth) every 2 epochs: at 2, 4 and 6
@@ -229,7 +230,7 @@ def test_sigint_sigterm_and_double_sigint_then_resume_equals_uninterrupted(small
     assert main_mod.main(train_args(small_root, tmp_path, "s")) == 130
     assert "SIGINT: saved last.pth at step 2" in capsys.readouterr().out
     ckpt = load_checkpoint(last)
-    assert (ckpt["epoch_done"], ckpt["step"], ckpt["in_epoch"]["steps"]) == (0, 2, 2)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["in_epoch"]["steps"]) == (0, 2, 2)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # handlers put back
 
     plan.clear(); plan[5] = [signal.SIGTERM]  # global step 7: epoch 2, 3 of 4 steps
@@ -241,7 +242,7 @@ def test_sigint_sigterm_and_double_sigint_then_resume_equals_uninterrupted(small
     assert main_mod.main(["--resume", last]) == 130
     assert "interrupted twice" in capsys.readouterr().out
     ckpt = load_checkpoint(last)
-    assert (ckpt["epoch_done"], ckpt["step"], ckpt["in_epoch"]) == (3, 12, None)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["in_epoch"]) == (3, 12, None)
 
     plan.clear()
     assert main_mod.main(["--resume", last]) == 0
@@ -266,7 +267,7 @@ def test_restarting_in_a_folder_left_before_the_first_checkpoint(small_root, tmp
     (run_dir / "metrics.csv").write_text("epoch\n1\n")
     (run_dir / ".last.pth.k2j4_9zq.tmp").write_bytes(b"partial")
     (run_dir / "figures" / ".epoch002_val3.png.a1b2c3d4.tmp").write_bytes(b"partial")
-    args = main_mod.parse_args(train_args(small_root, tmp_path, "r"))
+    args, _ = main_mod.parse_args(train_args(small_root, tmp_path, "r"))
     assert main_mod.new_run_dir(args) == str(run_dir)
     utils.remove_stale_temps(str(run_dir))
     assert temps(str(run_dir)) == [] and (run_dir / "metrics.csv").exists()
@@ -465,7 +466,7 @@ RESUME = {
     "empty": "checkpoint file is empty (0 bytes)",
     "folder": "is a folder, not a checkpoint file",
     "missing": "checkpoint file not found",
-    "evaluation_only": "not a main.py training checkpoint (no args, optimizer, epoch_done, step, best, history, rng recorded)",
+    "evaluation_only": "not a main.py training checkpoint (no args, optimizer, epoch, step, best, history, rng recorded)",
     "no_optimizer": "not a main.py training checkpoint (no optimizer recorded)",
     "weights_of_another_model": "weights do not fit model 'unet_res': ",
     "unknown_model": "cannot build the model it describes (unknown model 'evil'",

@@ -1,0 +1,105 @@
+"""Block cross-validation: the folds by hand and by their properties, and main.py --folds end to end, with the
+held-out score checked against evaluate.py on the same frames."""
+import json
+import os
+import statistics
+
+import pytest
+
+import evaluate
+import main as main_mod
+from dataset import DepthDataset, block_folds
+from utils import UserError
+
+FAST = ["--model", "unet_res", "--encoder", "resnet18", "--no-pretrained", "--batch_size", "4",
+        "--train_eval_frames", "8", "--visualize_every", "0", "--seed", "3", "--device", "cpu", "--amp", "none"]
+
+
+def test_block_folds_by_hand():
+    assert block_folds(10, 3, guard=1) == [([4, 5, 6, 7, 8, 9], [0, 1, 2]),
+                                           ([0, 1, 8, 9], [3, 4, 5, 6]),
+                                           ([0, 1, 2, 3, 4, 5], [7, 8, 9])]
+    assert block_folds(4, 2, guard=0) == [([2, 3], [0, 1]), ([0, 1], [2, 3])]
+
+
+@pytest.mark.parametrize("n, folds, guard", [(97, 2, 0), (97, 5, 3), (3469, 3, 50), (3469, 5, 50)])
+def test_block_folds_partition_the_frames_and_keep_the_guard(n, folds, guard):
+    result = block_folds(n, folds, guard)
+    held = [h for _, h in result]
+    assert sorted(i for h in held for i in h) == list(range(n))  # every frame held out exactly once
+    assert max(map(len, held)) - min(map(len, held)) <= 1
+    for train, block in result:
+        assert block == list(range(block[0], block[-1] + 1))  # contiguous
+        assert all(i < block[0] - guard or i > block[-1] + guard for i in train)  # nothing within the guard
+        band = {i for i in range(block[0] - guard, block[-1] + guard + 1) if 0 <= i < n}
+        assert set(train) | band == set(range(n)) and not set(train) & band
+
+
+def test_block_folds_refuse_what_cannot_be_split():
+    for n, folds, guard in [(10, 1, 0), (10, 2, -1), (3, 5, 0), (10, 2, 5)]:
+        with pytest.raises(UserError):
+            block_folds(n, folds, guard)
+
+
+def test_dataset_of_several_splits_and_its_subsets(synthetic_root):
+    frames = DepthDataset(synthetic_root, split=["train", "val"])
+    assert frames.names == [str(i) for i in range(32)]  # train 0..23, then val 24..31: the sequence order
+    sub = frames.subset([30, 2])
+    assert sub.names == ["30", "2"] and len(sub) == 2
+    rgb, depth = sub[0]
+    val = DepthDataset(synthetic_root, split="val")
+    assert (rgb == val[6][0]).all() and (depth == val[6][1]).all()
+
+
+def test_cross_validation_end_to_end(synthetic_root, tmp_path, capsys):
+    argv = ["--data_dir", synthetic_root, "--folds", "2", "--guard", "2", "--max_epochs", "1",
+            "--ckpt_dir", str(tmp_path), "--ckpt_name", "cv"] + FAST
+    assert main_mod.main(argv) == 0
+    cv_dir = tmp_path / "cv"
+    results = [json.loads((cv_dir / f"fold{k}" / "result.json").read_text()) for k in (1, 2)]
+    assert [r["held_out"] for r in results] == [["0", "15"], ["16", "31"]]
+    assert [r["n_train"] for r in results] == [14, 14]  # 32 frames - 16 held out - 2 guard frames
+    rmse = [r["rmse"] for r in results]
+    table = (cv_dir / "cv.md").read_text()
+    assert f"{statistics.mean(rmse):.3f} ± {statistics.stdev(rmse):.3f}" in table
+    assert len((cv_dir / "cv.csv").read_text().strip().splitlines()) == 3
+
+    # the fold's score is the held-out block's, by its last weights: evaluate.py on those frames agrees
+    held = tmp_path / "held"
+    for sub in ("rgb", "depth"):
+        os.makedirs(held / sub)
+    for i in range(16):
+        split = "train" if i < 24 else "val"
+        os.symlink(os.path.join(synthetic_root, "rgb", split, f"{i}.jpeg"), held / "rgb" / f"{i}.jpeg")
+        os.symlink(os.path.join(synthetic_root, "depth", split, f"{i}.npy"), held / "depth" / f"{i}.npy")
+    out = tmp_path / "m.json"
+    assert evaluate.main(["--data", str(held), "--ckpt", str(cv_dir / "fold1" / "last.pth"), "--amp", "none",
+                          "--device", "cpu", "--out", str(out)]) == 0
+    scored = json.loads(out.read_text())
+    assert scored["rmse"] == pytest.approx(results[0]["rmse"], abs=1e-9)
+    assert scored["ssim"] == pytest.approx(results[0]["ssim"], abs=1e-9)
+
+    # the same command again: finished folds are kept, nothing retrains
+    stamp = os.path.getmtime(cv_dir / "fold1" / "last.pth")
+    capsys.readouterr()
+    assert main_mod.main(argv) == 0
+    assert os.path.getmtime(cv_dir / "fold1" / "last.pth") == stamp and "training in" not in capsys.readouterr().out
+
+
+def test_cross_validation_continues_a_cut_fold(synthetic_root, tmp_path):
+    argv = ["--data_dir", synthetic_root, "--folds", "2", "--guard", "2", "--max_epochs", "2",
+            "--ckpt_dir", str(tmp_path), "--ckpt_name", "cv"] + FAST
+    assert main_mod.main(argv + ["--fold", "1", "--ckpt_dir", str(tmp_path / "cv"), "--ckpt_name", "fold1",
+                                 "--stop_after_epochs", "1"]) == 0
+    assert not (tmp_path / "cv" / "fold1" / "result.json").exists()
+    assert main_mod.main(argv) == 0  # resumes fold 1, then runs fold 2
+    assert json.loads((tmp_path / "cv" / "fold1" / "result.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("extra, message", [(["--folds", "1"], "--folds must be 2 or more"),
+                                            (["--fold", "2"], "--fold needs --folds"),
+                                            (["--folds", "3", "--fold", "4"], "--fold between 1 and --folds")])
+def test_bad_fold_flags_are_one_line(synthetic_root, tmp_path, capsys, extra, message):
+    assert main_mod.main(["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path)] + FAST + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
