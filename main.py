@@ -69,6 +69,7 @@ KEEP = 2                       # epoch checkpoints kept besides best.pth and las
 SEED = 0
 FOLDS = 0                      # block cross-validation over train+val in frame order (0: train on train, score on val)
 GUARD = 50                     # frames dropped from training on each side of a held-out block (near duplicates)
+TRAIN_SPLITS = "train"         # splits trained on, joined by '+' in frame order (train+val: ship a recipe chosen by --folds)
 
 # run and machine settings
 CKPT_DIR = "runs"
@@ -138,6 +139,8 @@ def get_parser():
     a("--fold", type=int, default=None, help="with --folds: run only this fold (1..folds), holding out block FOLD")
     a("--guard", type=int, default=GUARD, help="with --folds: frames dropped from training on each side of the "
                                                "held-out block")
+    a("--train_splits", default=TRAIN_SPLITS, help="splits to train on, joined by '+' (e.g. train+val to ship a "
+                                                   "recipe chosen by --folds; val metrics then score training frames)")
     a("--list-models", "--list_models", dest="list_models", action="store_true", help="list the models and exit")
     a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
       help="write a shippable copy of a checkpoint (evaluated weights and the run's record, no optimizer state) and exit")
@@ -206,12 +209,13 @@ def fits_in_ram(n_frames, hw=(144, 256)):
 
 
 def load_splits(args, data_dir, main_proc):
-    """(train set, val set, cached?): the train and val splits, or with --folds the fold's part of train+val."""
-    splits = ["train", "val"] if args.folds else ["train"]
-    n_frames = sum(len(ds_lib.find_pairs(data_dir, s)[0]) for s in splits)
+    """(train set, val set, cached?): --train_splits and val, or with --folds the fold's part of train+val."""
+    splits = ["train", "val"] if args.folds else args.train_splits.split("+")
+    n_frames = sum(len(ds_lib.find_pairs(data_dir, s)[0]) for s in set(splits + ["val"]))
     cache = args.cache == "on" or (args.cache == "auto" and fits_in_ram(n_frames))
     if not args.folds:
-        train_set = ds_lib.DepthDataset(data_dir, split="train", cache=cache, progress=main_proc)
+        train_set = ds_lib.DepthDataset(data_dir, split=splits if len(splits) > 1 else splits[0], cache=cache,
+                                        progress=main_proc)
         return train_set, ds_lib.DepthDataset(data_dir, split="val", cache=cache, progress=main_proc), cache
     frames = ds_lib.DepthDataset(data_dir, split=splits, cache=cache, progress=main_proc)
     train_idx, held_idx = ds_lib.block_folds(len(frames), args.folds, args.guard)[args.fold - 1]
@@ -260,7 +264,7 @@ def load_data(args, env):
     if steps_per_epoch == 0:
         raise UserError(f"{data_dir}: {len(train_set)} training frames are fewer than one batch per process "
                         f"({args.batch_size})")
-    fold = ""
+    fold = " (val is trained on: its metrics are not a held-out score)" if "val" in args.train_splits.split("+") else ""
     if args.folds:
         fold = (f" (fold {args.fold}/{args.folds}: held-out frames {val_set.names[0]}..{val_set.names[-1]}, "
                 f"guard {args.guard})")

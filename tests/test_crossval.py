@@ -103,3 +103,12 @@ def test_bad_fold_flags_are_one_line(synthetic_root, tmp_path, capsys, extra, me
     assert main_mod.main(["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path)] + FAST + extra) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err
+
+
+def test_train_splits_train_on_train_and_val(synthetic_root, tmp_path, capsys):
+    """Shipping a recipe chosen by cross-validation: train on every frame (train+val), said plainly in the log."""
+    assert main_mod.main(["--data_dir", synthetic_root, "--train_splits", "train+val", "--max_epochs", "1",
+                          "--ckpt_dir", str(tmp_path), "--ckpt_name", "all"] + FAST) == 0
+    out = capsys.readouterr().out
+    assert "data " in out and "32 train / 8 val frames (val is trained on" in out
+    assert "8 steps/epoch of batch 4" in out  # 32 frames / 4
