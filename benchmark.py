@@ -41,7 +41,8 @@ from utils import UserError, atomic_write, cpu_model_name, fast_path, pick_devic
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default=train_lib.MODEL)
     a("--data_dir", default=None, help="dataset root (default: synthetic scenes made in a temporary folder)")
@@ -51,10 +52,13 @@ def get_parser():
     a("--steps", type=int, default=30, help="steps per timed repeat")
     a("--repeats", type=int, default=3)
     a("--warmup", type=int, default=3, help="untimed steps before the repeats")
-    a("--template_workers", type=int, default=4, help="DataLoader workers of the template-style loops (the template's 4)")
-    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"], help="our path's autocast (auto: utils.fast_path)")
+    a("--template_workers", type=int, default=4,
+      help="DataLoader workers of the template-style loops (the template's 4)")
+    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+      help="our path's autocast (auto: utils.fast_path)")
     a("--channels_last", default="auto", choices=["auto", "on", "off"], help="our path's memory format")
-    a("--compile", action="store_true", help="torch.compile our path's model (as main.py --compile; raise --warmup to keep compiling out of the timing)")
+    a("--compile", action="store_true",
+      help="torch.compile our path's model (as main.py --compile; raise --warmup to keep compiling out of the timing)")
     a("--profile", action="store_true", help="print the top ops by self time of one training step of our path")
     a("--device", default=None)
     a("--json", default=None, help="write every figure here")
@@ -182,7 +186,8 @@ def op_kind(event):
 
 def profile_step(run_one, batch, device, rows=12):
     """(top-ops table, {top ops, time share per op kind}) of one call under torch.profiler."""
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    acts = ([torch.profiler.ProfilerActivity.CPU]
+            + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []))
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
         run_one(*batch)
@@ -192,7 +197,8 @@ def profile_step(run_one, batch, device, rows=12):
     shares = {}
     for e in prof.key_averages(group_by_input_shape=True):
         shares[op_kind(e)] = shares.get(op_kind(e), 0.0) + getattr(e, sort) / total
-    top = [{"op": e.key, "self_us": getattr(e, sort), "share": getattr(e, sort) / total, "calls": e.count} for e in by_op[:rows]]
+    top = [{"op": e.key, "self_us": getattr(e, sort), "share": getattr(e, sort) / total, "calls": e.count}
+           for e in by_op[:rows]]
     table = prof.key_averages().table(sort_by=sort, row_limit=rows) + "\nthe same by input shapes:\n" + \
         prof.key_averages(group_by_input_shape=True).table(sort_by=sort, row_limit=rows // 2, max_name_column_width=30)
     return table, {"sort_by": sort, "total_us": total, "top_ops": top, "time_share_by_kind": shares}
@@ -275,7 +281,8 @@ def run(args):
         """(our batches, the template's batches): the same frames in the same order, each path's own way."""
         idx = index_stream(len(sets[split]), n_batches, args.batch_size)
         return (train_lib.batches_of(sets[split], stacked[split], idx, args.batch_size, device, 0),
-                train_lib.batches_of(TemplateDataset(data_dir, split), None, idx, args.batch_size, device, args.template_workers))
+                train_lib.batches_of(TemplateDataset(data_dir, split), None, idx, args.batch_size, device,
+                                     args.template_workers))
 
     # the same model (same initial weights), optimizer, scheduler and loss for both paths, made by main.py's functions
     margs = train_lib.get_parser().parse_args(["--model", args.model, "--batch_size", str(args.batch_size)])
@@ -284,7 +291,8 @@ def run(args):
     augment = ds_lib.parse_augment(margs.augment)
     augment = augment and dict(augment, generator=torch.Generator().manual_seed(0))
     total_steps = n_batches + 1  # + the step the FLOPs are counted on
-    nets, train_fns, predict_fns = zip(make_path(margs, loss_fn, device, total_steps, amp_dtype, channels_last, args.compile, augment),
+    nets, train_fns, predict_fns = zip(make_path(margs, loss_fn, device, total_steps, amp_dtype, channels_last,
+                                                 args.compile, augment),
                                        make_path(margs, loss_fn, device, total_steps))
     paths = ("ours", "template")
     n_params = sum(p.numel() for p in nets[0].parameters())
@@ -292,7 +300,8 @@ def run(args):
           f"{loss_fn.spec}, {margs.optimizer}; ours augments ({margs.augment}) as main.py does, the template does not")
 
     print(f"train: {args.warmup} warm-up + {args.repeats} x {args.steps} steps per path, repeats in turn")
-    results = {"train": time_paths("train", dict(zip(paths, train_fns)), dict(zip(paths, batch_streams("train"))), args, device)}
+    results = {"train": time_paths("train", dict(zip(paths, train_fns)), dict(zip(paths, batch_streams("train"))),
+                                   args, device)}
     print(f"eval: {args.warmup} warm-up + {args.repeats} x {args.steps} batches per path, repeats in turn")
     for net in nets:
         net.eval()
@@ -302,14 +311,16 @@ def run(args):
         net.train()
 
     # utilisation: FLOPs per image (counts do not depend on the dtype) against this run's own matmul peak
-    rgb, depth = next(train_lib.batches_of(sets["train"], stacked["train"], list(range(args.batch_size)), args.batch_size, device, 0))
+    rgb, depth = next(train_lib.batches_of(sets["train"], stacked["train"], list(range(args.batch_size)),
+                                           args.batch_size, device, 0))
     flops = {"train": flops_of(train_fns[1], rgb, depth)}
     nets[1].eval()
     with torch.inference_mode():
         flops["eval"] = flops_of(predict_fns[1], rgb, depth)
     nets[1].train()
     print("measuring this machine's matmul peak")
-    peaks = {dtype_name(dt): matmul_peak(device, dt) for dt in dict.fromkeys([torch.float32, amp_dtype or torch.float32])}
+    peaks = {dtype_name(dt): matmul_peak(device, dt)
+             for dt in dict.fromkeys([torch.float32, amp_dtype or torch.float32])}
     for kind in ("train", "eval"):
         per_image = flops[kind][0] / args.batch_size
         for path, dt in zip(paths, (amp_dtype, None)):
@@ -322,7 +333,8 @@ def run(args):
     memory = "CUDA max_memory_allocated per path" if device.type == "cuda" else \
         "process peak RSS so far (ru_maxrss; the whole process, cached data included)"
     print(f"\n{args.model}, batch {args.batch_size}, {hw[1]}x{hw[0]}, {device} ({why}), torch {torch.__version__}")
-    print(f"{'':16}{'images/s':>9} {'(min-max)':>13} {'ratio':>6} {'GFLOP/img':>9} {'GFLOP/s':>8} {'mfu':>7} {'of peak':>9} "
+    print(f"{'':16}{'images/s':>9} {'(min-max)':>13} {'ratio':>6} {'GFLOP/img':>9} {'GFLOP/s':>8} {'mfu':>7} "
+          f"{'of peak':>9} "
           f"{'mem MB':>7}")
     for kind in ("train", "eval"):
         for path in paths:
@@ -342,12 +354,14 @@ def run(args):
         train_fns[0](*next(batches))
         table, profile = profile_step(train_fns[0], next(batches), device)
         print(f"\none training step of our path, top ops by {profile['sort_by']}:\n{table}")
-        print("time share by kind: " + ", ".join(f"{k} {v:.1%}" for k, v in sorted(profile["time_share_by_kind"].items(),
+        print("time share by kind: " + ", ".join(f"{k} {v:.1%}"
+                                                 for k, v in sorted(profile["time_share_by_kind"].items(),
                                                                                    key=lambda kv: -kv[1])))
 
     result = {
         "machine": {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": str(torch.__version__),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": str(torch.__version__),
                     "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "fast_path": why, "load_average_1min_at_end": os.getloadavg()[0]},
         "config": {"model": args.model, "batch_size": args.batch_size, "image_hw": list(hw), "steps": args.steps,

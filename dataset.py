@@ -95,9 +95,11 @@ def load_rgb_uint8(path):
             mode = img.mode
             rgb = None if mode.startswith(("I", "F")) else np.array(img.convert("RGB"), dtype=np.uint8)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: unreadable image ({type(e).__name__}: {first_line(e) if str(e).strip() else 'corrupt'})") from None
+        raise UserError(f"{path}: unreadable image ({type(e).__name__}: "
+                        f"{first_line(e) if str(e).strip() else 'corrupt'})") from None
     if rgb is None:
-        raise UserError(f"{path}: a {mode} image (16/32-bit or float, single channel; a depth map?), not an 8-bit RGB image")
+        raise UserError(f"{path}: a {mode} image (16/32-bit or float, single channel; a depth map?), "
+                        "not an 8-bit RGB image")
     return rgb
 
 
@@ -107,15 +109,18 @@ def load_depth_m(path, hw=None):
     try:
         depth = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: unreadable depth file ({type(e).__name__}: {first_line(e) if str(e).strip() else 'corrupt'})") from None
+        raise UserError(f"{path}: unreadable depth file ({type(e).__name__}: "
+                        f"{first_line(e) if str(e).strip() else 'corrupt'})") from None
     if not isinstance(depth, np.ndarray) or depth.dtype.kind != "f":
-        raise UserError(f"{path}: depth must be a float array of metres, got dtype {getattr(depth, 'dtype', type(depth).__name__)}")
+        raise UserError(f"{path}: depth must be a float array of metres, got dtype "
+                        f"{getattr(depth, 'dtype', type(depth).__name__)}")
     if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
         depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:-1])
     if depth.ndim != 2:
         raise UserError(f"{path}: depth must be a 2-D HxW map, got shape {depth.shape}")
     if hw is not None and tuple(depth.shape) != tuple(hw):
-        raise UserError(f"{path}: depth map is {depth.shape[0]}x{depth.shape[1]} but its image is {hw[0]}x{hw[1]} (HxW)")
+        raise UserError(f"{path}: depth map is {depth.shape[0]}x{depth.shape[1]} "
+                        f"but its image is {hw[0]}x{hw[1]} (HxW)")
     bad = ~np.isfinite(depth)
     if bad.any():
         raise UserError(f"{path}: depth has {int(bad.sum())} NaN/inf value(s)")
@@ -266,8 +271,8 @@ class DepthDataset(Dataset):
     """(rgb, depth) items of one split; see the module docstring for layouts and conventions.
 
     split may be a list of splits: their frames one after another, in the order given (block cross-validation
-    joins train and val this way). cache=True decodes every frame once (uint8 RGB; float16 depth where lossless, else float32) so later
-    epochs cost no decoding;
+    joins train and val this way). cache=True decodes every frame once (uint8 RGB; float16 depth where lossless,
+    else float32) so later epochs cost no decoding;
     it also checks every file up front. skip_bad=True checks every file up front and drops the bad
     ones, listing them in `.skipped` as (file, reason), instead of stopping at the first.
     """
@@ -286,7 +291,8 @@ class DepthDataset(Dataset):
         if cache or skip_bad:
             self._check_all(keep=cache, skip_bad=skip_bad, progress=progress)
         if not self.names:
-            raise UserError(f"{self.data_dir}: no usable frames" + (f" ({len(self.skipped)} skipped as bad)" if self.skipped else ""))
+            raise UserError(f"{self.data_dir}: no usable frames"
+                            + (f" ({len(self.skipped)} skipped as bad)" if self.skipped else ""))
 
     def _check_all(self, keep, skip_bad, progress):
         from tqdm import tqdm

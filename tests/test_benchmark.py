@@ -24,7 +24,8 @@ def test_benchmark_writes_every_figure(synthetic_root, tmp_path, capsys):
             for key in ("images_per_s", "flops_per_image", "flops_per_s", "mfu", "peak_memory_mb"):
                 assert math.isfinite(r[key]) and r[key] > 0, (kind, path, key, r[key])
     util = result["utilisation"]
-    assert util["train_flops_per_image"] > 2 * util["eval_flops_per_image"] > 0  # backward costs about twice the forward
+    # backward costs about twice the forward
+    assert util["train_flops_per_image"] > 2 * util["eval_flops_per_image"] > 0
     assert util["matmul_peak_flops_per_s"]["float32"] > 0
     profile = result["profile"]
     assert profile["top_ops"] and abs(sum(profile["time_share_by_kind"].values()) - 1) < 1e-6

@@ -37,7 +37,8 @@ def test_missing_pairs_are_one_clear_error(tmp_path, tiny_frames):
     os.remove(tmp_path / "depth" / "train" / "2.npy")
     os.remove(tmp_path / "depth" / "train" / "4.npy")
     os.remove(tmp_path / "rgb" / "train" / "5.jpeg")
-    with pytest.raises(UserError, match=r"2 image\(s\) without depth .*e\.g\. 2, 4.*1 depth map\(s\) without image .*5"):
+    with pytest.raises(UserError,
+                       match=r"2 image\(s\) without depth .*e\.g\. 2, 4.*1 depth map\(s\) without image .*5"):
         DepthDataset(str(tmp_path), split="train")
 
 

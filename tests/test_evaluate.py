@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_eval(args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py")] + args, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py")] + args, capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,8 @@ def test_course_protocol_is_the_mean_over_batches(first_run, ckpt_path, syntheti
     batches = [slice(0, 4), slice(4, 6)]  # 6 frames at batch 4: the last batch is short
     rmse = np.mean([math.sqrt(((p[s] - g[s]) ** 2).mean()) for s in batches])
     ss = np.mean([ssim(torch.tensor(p[s])[:, None], torch.tensor(g[s])[:, None]).item() for s in batches])
-    assert c["protocol"] == "course" and c["rmse"] == pytest.approx(rmse, abs=1e-6) and c["ssim"] == pytest.approx(ss, abs=1e-6)
+    assert c["protocol"] == "course"
+    assert c["rmse"] == pytest.approx(rmse, abs=1e-6) and c["ssim"] == pytest.approx(ss, abs=1e-6)
     split = json.load(open(first_run / "m.json"))
     assert abs(c["rmse"] - split["rmse"]) > 1e-6  # the two protocols really differ here
 
@@ -136,7 +138,8 @@ def test_wrong_model_and_corrupt_checkpoints(ckpt_path, synthetic_root, tmp_path
                                              "state_dict": net.state_dict()})
     (tmp_path / "trunc.pth").write_bytes(open(ckpt_path, "rb").read()[:5000])
     (tmp_path / "random.pth").write_bytes(os.urandom(4096))
-    cases = {"other.pth": "do not fit", "trunc.pth": "not a readable checkpoint", "random.pth": "not a readable checkpoint",
+    cases = {"other.pth": "do not fit", "trunc.pth": "not a readable checkpoint",
+             "random.pth": "not a readable checkpoint",
              "missing.pth": "not found"}
     for name, expected in cases.items():
         r = run_eval(["--data", synthetic_root, "--ckpt", str(tmp_path / name)])
@@ -161,8 +164,10 @@ def test_bad_inputs_one_line_each_and_skip_bad(ckpt_path, synthetic_root, tmp_pa
     elif case == "nan":
         d = np.load(depth); d[0, 0] = np.inf; np.save(depth, d)
     r = run_eval(["--data", str(data), "--ckpt", ckpt_path, "--amp", "none"])
-    assert r.returncode == 2 and expected in r.stderr and name in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
-    r = run_eval(["--data", str(data), "--ckpt", ckpt_path, "--amp", "none", "--skip_bad", "--out", str(tmp_path / "s.json")])
+    assert (r.returncode == 2 and expected in r.stderr and name in r.stderr
+            and r.stderr.strip().count("\n") == 0), r.stderr
+    r = run_eval(["--data", str(data), "--ckpt", ckpt_path, "--amp", "none", "--skip_bad", "--out",
+                  str(tmp_path / "s.json")])
     assert r.returncode == 0 and "skipped" in r.stdout
     m = json.load(open(tmp_path / "s.json"))
     assert m["frames"] == 5 and len(m["skipped"]) == 1 and name in m["skipped"][0]["file"]
@@ -170,7 +175,8 @@ def test_bad_inputs_one_line_each_and_skip_bad(ckpt_path, synthetic_root, tmp_pa
 
 def test_image_only_folder_predicts_without_metrics(ckpt_path, synthetic_root, tmp_path):
     shutil.copytree(os.path.join(synthetic_root, "rgb", "test"), tmp_path / "imgs")
-    r = run_eval(["--data", str(tmp_path / "imgs"), "--ckpt", ckpt_path, "--amp", "none", "--save_dir", str(tmp_path / "p")])
+    r = run_eval(["--data", str(tmp_path / "imgs"), "--ckpt", ckpt_path, "--amp", "none", "--save_dir",
+                  str(tmp_path / "p")])
     assert r.returncode == 0 and "no metrics" in r.stdout and "rmse" not in r.stdout
     preds = sorted(f for f in os.listdir(tmp_path / "p") if f.endswith(".npy"))
     assert len(preds) == 6 and np.load(tmp_path / "p" / preds[0]).shape == (144, 256)

@@ -14,7 +14,8 @@ def test_specs_parse():
     assert parse_loss_spec("1e-1*l1+.5*berhu+silog") == [(0.1, "l1"), (0.5, "berhu"), (1.0, "silog")]
 
 
-@pytest.mark.parametrize("spec", ["", "mse+", "mse++ssim", "0.1*", "mse*0.1", "foo", "mse+ssim+mse", "2**mse", "mse-ssim"])
+@pytest.mark.parametrize("spec", ["", "mse+", "mse++ssim", "0.1*", "mse*0.1", "foo", "mse+ssim+mse", "2**mse",
+                                  "mse-ssim"])
 def test_bad_specs_are_clear_errors(spec):
     with pytest.raises(ValueError, match="loss"):
         build_loss(spec)
@@ -28,7 +29,8 @@ def test_terms_hand_computed():
     assert TERMS["rmse"](pred, gt).item() == pytest.approx(math.sqrt(18 / 4), rel=1e-6)
     assert TERMS["l1"](pred, gt).item() == pytest.approx(6 / 4)
     c = 0.2 * 4  # berHu threshold; |e| = 1 > c and 4 > c
-    assert TERMS["berhu"](pred, gt).item() == pytest.approx(((1 + c * c) / (2 * c) * 2 + 0 + (16 + c * c) / (2 * c)) / 4)
+    assert TERMS["berhu"](pred, gt).item() == pytest.approx(((1 + c * c) / (2 * c) * 2 + 0
+                                                             + (16 + c * c) / (2 * c)) / 4)
     d = [math.log(0.5), math.log(1.5), 0.0, math.log(3.0)]
     ref = math.sqrt(sum(x * x for x in d) / 4 - 0.85 * (sum(d) / 4) ** 2)
     assert TERMS["silog"](pred, gt).item() == pytest.approx(ref, rel=1e-5)
@@ -43,7 +45,8 @@ def test_weighted_sum_and_parts():
     gt = torch.rand(2, 1, 16, 16, generator=g) * 15
     pred = gt + torch.randn(2, 1, 16, 16, generator=g)
     total, parts = loss_fn(pred, gt)
-    assert total.item() == pytest.approx(parts["mse"].item() + 0.15 * parts["ssim"].item() + 0.05 * parts["edge"].item(), rel=1e-6)
+    assert total.item() == pytest.approx(parts["mse"].item() + 0.15 * parts["ssim"].item()
+                                         + 0.05 * parts["edge"].item(), rel=1e-6)
     assert loss_fn.spec == "mse+0.15*ssim+0.05*edge"
 
 

@@ -114,7 +114,8 @@ def test_encoder_weights_with_torchvision_and_timm_classifier_names(tmp_path):
     full = timm.create_model("convnext_atto", num_classes=1000).state_dict()
     torch.save(full, tmp_path / "cx.pth")
     net = model_lib.build_model("convnext_unet", encoder="convnext_atto", encoder_weights=str(tmp_path / "cx.pth"))
-    assert torch.equal(net.encoder.state_dict()["stages_3.blocks.1.mlp.fc2.weight"], full["stages.3.blocks.1.mlp.fc2.weight"])
+    assert torch.equal(net.encoder.state_dict()["stages_3.blocks.1.mlp.fc2.weight"],
+                       full["stages.3.blocks.1.mlp.fc2.weight"])
 
 
 def test_pretrained_fetch_failure_is_one_clear_line_and_never_random(monkeypatch, tmp_path):

@@ -111,7 +111,8 @@ def assert_same_run(run_dir, ref_dir):
     for name in ("last.pth", "best.pth"):
         a, b = load_checkpoint(os.path.join(run_dir, name)), load_checkpoint(os.path.join(ref_dir, name))
         assert (a["epoch"], a["step"], a["best"]) == (b["epoch"], b["step"], b["best"]), name
-        assert max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item() for k in b["state_dict"]) <= 1e-6
+        assert max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item()
+                   for k in b["state_dict"]) <= 1e-6
     assert temps(run_dir) == []
 
 
@@ -155,13 +156,15 @@ def kill_cycle(cmd, run_dir, trigger, log_path, rng, epoch_s):
         if fire:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()
-            left = [f for f in os.listdir(run_dir) if TEMP_NAME.match(f) and f not in left_before] if os.path.isdir(run_dir) else []
+            left = ([f for f in os.listdir(run_dir) if TEMP_NAME.match(f) and f not in left_before]
+                    if os.path.isdir(run_dir) else [])
             return {"killed": True, "temps": left, "log": log_text()}  # temps: the writes this kill cut short
         time.sleep(0.002)
     return {"killed": False, "rc": p.returncode, "log": log_text()}
 
 
-def test_sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_equals_uninterrupted(small_root, reference, tmp_path):
+def test_sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_equals_uninterrupted(
+        small_root, reference, tmp_path):
     """12 SIGKILLs (random moments, and inside atomic_write of last.pth, best.pth, epochNNN.pth), each
     followed by `main.py --resume RUN/last.pth` (or the same command again when no last.pth exists yet);
     after every kill best.pth and last.pth load weights-only; the finished run equals an uninterrupted one."""
@@ -176,7 +179,8 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_equa
         cmd = [sys.executable, MAIN, "--resume", last] if os.path.exists(last) else fresh
         r = kill_cycle(cmd, run_dir, trigger, str(tmp_path / f"log{i}.txt"), rng, reference["epoch_s"])
         done = load_checkpoint(last)["epoch_done"] if os.path.exists(last) else None
-        print(f"cycle {i:2d} {trigger:15s} {'killed' if r['killed'] else 'exited'}; temps {r.get('temps')}; last.pth: {done} epochs")
+        print(f"cycle {i:2d} {trigger:15s} {'killed' if r['killed'] else 'exited'}; temps {r.get('temps')}; "
+              f"last.pth: {done} epochs")
         if not r["killed"]:
             assert r["rc"] == 0, f"cycle {i} ({trigger}) failed:\n{r['log'][-3000:]}"
             continue
@@ -210,7 +214,8 @@ def test_kill_between_last_and_best_is_repaired_on_resume(reference, tmp_path, c
     assert_same_run(run_dir, reference["dir"])
 
 
-def test_sigint_sigterm_and_double_sigint_then_resume_equals_uninterrupted(small_root, reference, tmp_path, monkeypatch, capsys):
+def test_sigint_sigterm_and_double_sigint_then_resume_equals_uninterrupted(
+        small_root, reference, tmp_path, monkeypatch, capsys):
     """Ctrl-C mid-epoch saves an exact-resume last.pth; SIGTERM likewise; a second Ctrl-C stops at once
     (last.pth keeps the last finished epoch). Resuming after each ends where an uninterrupted run ends."""
     real_step = main_mod.train_step
@@ -252,7 +257,8 @@ def test_sigint_sigterm_and_double_sigint_then_resume_equals_uninterrupted(small
 
 def test_same_seed_same_numbers(small_root, reference, tmp_path):
     assert main_mod.main(train_args(small_root, tmp_path, "again")) == 0
-    rows, ref_rows = read_csv(tmp_path / "again" / "metrics.csv"), read_csv(os.path.join(reference["dir"], "metrics.csv"))
+    rows = read_csv(tmp_path / "again" / "metrics.csv")
+    ref_rows = read_csv(os.path.join(reference["dir"], "metrics.csv"))
     assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows] == \
         [{k: v for k, v in r.items() if k not in TIMING} for r in ref_rows]  # identical to the last digit
     a, b = weights(tmp_path / "again" / "last.pth"), weights(os.path.join(reference["dir"], "last.pth"))
@@ -386,7 +392,8 @@ def hostile_checkpoint(kind, ref_best, path, victim):
         bad["decoder.out.weight"][0, 0] = float("nan")
         save_checkpoint(path, {"model": config, "state_dict": bad})
     elif kind == "asks_to_fetch_and_read_files":  # options that would download or read: ignored, weights are here
-        save_checkpoint(path, {"model": dict(config, pretrained=True, encoder_weights=str(victim)), "state_dict": state})
+        save_checkpoint(path, {"model": dict(config, pretrained=True, encoder_weights=str(victim)),
+                               "state_dict": state})
     return []
 
 
@@ -398,11 +405,13 @@ HOSTILE = {  # kind: (exit status, the line on stderr; {ckpt} is the file)
     "not_a_dict": (2, "error: {ckpt}: not a checkpoint (holds a list, expected a dict)"),
     "strings_for_weights": (2, "error: {ckpt}: its state_dict holds something other than tensors"),
     "unknown_model": (2, "error: {ckpt}: cannot build the model it describes (unknown model 'evil'"),
-    "unknown_option": (2, "error: {ckpt}: cannot build the model it describes (model unet_res: got an unexpected keyword "
+    "unknown_option": (2, "error: {ckpt}: cannot build the model it describes "
+                       "(model unet_res: got an unexpected keyword "
                           "argument 'rm_rf'"),
     "unknown_encoder": (2, "error: {ckpt}: cannot build the model it describes (unknown timm encoder 'no_such_net'"),
     "bare_state_dict_of_another_model": (2, "error: {ckpt}: weights do not fit model 'unet_res': "),
-    "nan_weights": (3, "warning: {ckpt}: 1 tensor(s) hold NaN/inf (e.g. decoder.out.weight); predictions will be wrong"),
+    "nan_weights": (3,
+                    "warning: {ckpt}: 1 tensor(s) hold NaN/inf (e.g. decoder.out.weight); predictions will be wrong"),
     "asks_to_fetch_and_read_files": (0, None),
 }
 
@@ -466,11 +475,13 @@ RESUME = {
     "empty": "checkpoint file is empty (0 bytes)",
     "folder": "is a folder, not a checkpoint file",
     "missing": "checkpoint file not found",
-    "evaluation_only": "not a main.py training checkpoint (no args, optimizer, epoch, step, best, history, rng recorded)",
+    "evaluation_only":
+        "not a main.py training checkpoint (no args, optimizer, epoch, step, best, history, rng recorded)",
     "no_optimizer": "not a main.py training checkpoint (no optimizer recorded)",
     "weights_of_another_model": "weights do not fit model 'unet_res': ",
     "unknown_model": "cannot build the model it describes (unknown model 'evil'",
-    "optimizer_of_another_model": "cannot resume from it (damaged training state: ValueError: loaded state dict has a different "
+    "optimizer_of_another_model": "cannot resume from it (damaged training state: "
+                                  "ValueError: loaded state dict has a different "
                                   "number of parameter groups)",
     "damaged_rng": "cannot resume from it (damaged training state: TypeError: ",
 }
@@ -588,7 +599,8 @@ def test_evaluate_empty_split_names_the_folder(reference, tmp_path, capsys):
     for sub in ("rgb/test", "depth/test"):
         os.makedirs(tmp_path / "root" / sub)
     assert evaluate.main(["--data", str(tmp_path / "root"), "--ckpt", os.path.join(reference["dir"], "best.pth")]) == 2
-    one_line(capsys.readouterr().err, f"error: {tmp_path / 'root'}: no images found (looked for .jpeg/.jpg/.png in rgb/test/")
+    one_line(capsys.readouterr().err,
+             f"error: {tmp_path / 'root'}: no images found (looked for .jpeg/.jpg/.png in rgb/test/")
 
 
 def odd_but_fine(rgb_dir, depth_dir, frames):
@@ -632,7 +644,8 @@ MAIN_BROKEN = {  # (split, case): the message (val frames are numbered 16-19)
 @pytest.mark.parametrize("split,case", list(MAIN_BROKEN))
 def test_main_names_the_broken_training_file(small_root, tmp_path, capsys, split, case):
     root = dataset_root(small_root, tmp_path / "data")
-    blame = damage(os.path.join(root, "rgb", split), os.path.join(root, "depth", split), 2 if split == "train" else 17, case)
+    blame = damage(os.path.join(root, "rgb", split), os.path.join(root, "depth", split),
+                   2 if split == "train" else 17, case)
     assert main_mod.main(train_args(root, tmp_path / "runs", "b", "--max_epochs", "1")) == 2
     one_line(capsys.readouterr().err, "error: ", MAIN_BROKEN[(split, case)], blame)
     assert not os.path.exists(tmp_path / "runs" / "b" / "last.pth")
@@ -652,7 +665,8 @@ def test_main_broken_file_read_by_a_dataloader_worker_is_one_line(small_root, tm
     """--cache off --workers 1: the file is read in a worker process, mid-epoch; still one line, no traceback."""
     root = dataset_root(small_root, tmp_path / "data")
     bad = damage(os.path.join(root, "rgb", "train"), os.path.join(root, "depth", "train"), 7, "truncated_jpeg")
-    r = run_script("main.py", train_args(root, tmp_path / "runs", "w", "--cache", "off", "--workers", "1"), env=ONE_THREAD)
+    r = run_script("main.py", train_args(root, tmp_path / "runs", "w", "--cache", "off", "--workers", "1"),
+                   env=ONE_THREAD)
     assert r.returncode == 2
     one_line(r.stderr, f"error: {bad}: unreadable image")
 
@@ -673,7 +687,8 @@ def test_main_trains_on_grayscale_rgba_palette_cmyk_and_unicode_names(small_root
 
 def term_that_goes_bad(at_call, how, on_call=None):
     """A stand-in for the 'mse' loss term: right, except on training call `at_call`, where it returns NaN
-    ('nan_loss'), inf ('inf_loss') or a finite value with NaN gradients ('nan_grad': d sqrt(x)/dx at 0 is inf, times 0)."""
+    ('nan_loss'), inf ('inf_loss') or a finite value with NaN gradients ('nan_grad': d sqrt(x)/dx at 0 is inf,
+    times 0)."""
     real, calls = losses.TERMS["mse"], [0]
 
     def term(pred, gt):
@@ -687,12 +702,14 @@ def term_that_goes_bad(at_call, how, on_call=None):
     return term
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small_root, reference, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+        small_root, reference, tmp_path, monkeypatch, capsys):
     last = tmp_path / "n" / "last.pth"
     seen = {}
     monkeypatch.setitem(losses.TERMS, "mse", term_that_goes_bad(6, "nan_loss", lambda: seen.update(sha=sha(last))))
     assert main_mod.main(train_args(small_root, tmp_path, "n")) == 1
-    one_line(capsys.readouterr().err, f"error: loss is nan at step 6 (epoch 2); stopping. The last good checkpoint is kept: {last}")
+    one_line(capsys.readouterr().err,
+             f"error: loss is nan at step 6 (epoch 2); stopping. The last good checkpoint is kept: {last}")
     assert sha(last) == seen["sha"] and load_checkpoint(last)["step"] == 4  # untouched since epoch 1 ended
     monkeypatch.undo()
     assert main_mod.main(["--resume", str(last)]) == 0  # and the kept checkpoint continues to the same end
@@ -702,7 +719,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small
 def test_inf_loss_before_any_checkpoint_says_so(small_root, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(losses.TERMS, "mse", term_that_goes_bad(2, "inf_loss"))
     assert main_mod.main(train_args(small_root, tmp_path, "n0")) == 1
-    one_line(capsys.readouterr().err, "error: loss is inf at step 2 (epoch 1); stopping. No checkpoint had been written yet.")
+    one_line(capsys.readouterr().err,
+             "error: loss is inf at step 2 (epoch 1); stopping. No checkpoint had been written yet.")
     assert not (tmp_path / "n0" / "last.pth").exists()
 
 

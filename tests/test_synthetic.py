@@ -104,7 +104,9 @@ def test_make_dataset_writes_the_unreal_layout(tmp_path):
     out = make_dataset(str(tmp_path / "data"), n_train=3, n_val=2, n_test=1, seed=0, progress=False)
     assert out == str(tmp_path / "data")
     expected = {"train": [0, 1, 2], "val": [3, 4], "test": [5]}
-    assert sorted(os.listdir(os.path.join(out, "rgb"))) == sorted(os.listdir(os.path.join(out, "depth"))) == sorted(expected)
+    rgb_names = sorted(os.listdir(os.path.join(out, "rgb")))
+    depth_names = sorted(os.listdir(os.path.join(out, "depth")))
+    assert rgb_names == depth_names == sorted(expected)
     far_fraction = []
     for split, frames in expected.items():
         assert sorted(os.listdir(os.path.join(out, "rgb", split))) == sorted(f"{k}.jpeg" for k in frames)
