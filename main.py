@@ -69,7 +69,7 @@ KEEP = 2                       # epoch checkpoints kept besides best.pth and las
 SEED = 0
 FOLDS = 0                      # block cross-validation over train+val in frame order (0: train on train, score on val)
 GUARD = 50                     # frames dropped from training on each side of a held-out block (near duplicates)
-TRAIN_SPLITS = "train"         # splits trained on, joined by '+' in frame order (train+val: ship a recipe chosen by --folds)
+TRAIN_SPLITS = "train"         # splits trained on, joined by '+', in frame order (train+val: ship a --folds recipe)
 
 # run and machine settings
 CKPT_DIR = "runs"
