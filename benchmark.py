@@ -37,22 +37,23 @@ import main as train_lib
 import model as model_lib
 from losses import build_loss
 from model import predict_depth
-from utils import UserError, atomic_write, cpu_model_name, fast_path, pick_device, seed_everything
+from utils import (UserError, atomic_write, cpu_model_name, fast_path, non_negative_int, one_line_errors, pick_device,
+                   positive_int, seed_everything)
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     a = p.add_argument
     a("--model", default=train_lib.MODEL)
     a("--data_dir", default=None, help="dataset root (default: synthetic scenes made in a temporary folder)")
-    a("--n_train", type=int, default=96, help="synthetic train frames (without --data_dir)")
-    a("--n_val", type=int, default=32, help="synthetic val frames (without --data_dir)")
-    a("--batch_size", type=int, default=train_lib.BATCH_SIZE)
-    a("--steps", type=int, default=30, help="steps per timed repeat")
-    a("--repeats", type=int, default=3)
-    a("--warmup", type=int, default=3, help="untimed steps before the repeats")
-    a("--template_workers", type=int, default=4,
+    a("--n_train", type=positive_int, default=96, help="synthetic train frames (without --data_dir)")
+    a("--n_val", type=positive_int, default=32, help="synthetic val frames (without --data_dir)")
+    a("--batch_size", type=positive_int, default=train_lib.BATCH_SIZE)
+    a("--steps", type=positive_int, default=30, help="steps per timed repeat")
+    a("--repeats", type=positive_int, default=3)
+    a("--warmup", type=non_negative_int, default=3, help="untimed steps before the repeats")
+    a("--template_workers", type=non_negative_int, default=4,
       help="DataLoader workers of the template-style loops (the template's 4)")
     a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
       help="our path's autocast (auto: utils.fast_path)")

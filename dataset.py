@@ -12,6 +12,7 @@ import copy
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import torch
@@ -19,10 +20,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils import MAX_DEPTH, UserError, first_line
+from utils import MAX_DEPTH, UserError, first_line, refuse_special_file
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
 DEPTH_EXT = ".npy"
+MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused from their header, before decoding (a 12 MP photo is fine)
+UNUSUAL_DEPTH = 100.0  # metres; a depth map whose median valid (> 0) value is beyond it is not in metres
 
 
 def frame_sort_key(name):
@@ -79,38 +82,66 @@ def find_pairs(data_dir, split=None):
     return names, [images[n] for n in names], [depths[n] for n in names]
 
 
-def _nonempty(path):
-    """UserError for a 0-byte file (an interrupted copy), which the decoders report obscurely."""
+def _check_file(path):
+    """UserError for a named pipe, device or socket (opening one may block forever) and for a 0-byte file (an
+    interrupted copy), which the decoders report obscurely."""
+    refuse_special_file(path)
     if os.path.isfile(path) and os.path.getsize(path) == 0:
         raise UserError(f"{path}: empty file (0 bytes)")
 
 
+def _unreadable(path, what, e):
+    detail = first_line(e) if str(e).strip() else "corrupt"
+    return UserError(f"{path}: unreadable {what} ({type(e).__name__}: {detail})")
+
+
+def image_hw(path):
+    """(H, W) of an image from its header alone (nothing decoded); UserError naming the file when it is not a
+    regular file, empty, unreadable or over MAX_IMAGE_PIXELS pixels."""
+    _check_file(path)
+    try:
+        with warnings.catch_warnings():  # PIL's own bomb check warns (or refuses) at a higher limit than ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+    except Image.DecompressionBombError as e:
+        raise UserError(f"{path}: image too large ({first_line(e)}); the limit is "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels") from None
+    except Exception as e:  # noqa: BLE001
+        raise _unreadable(path, "image", e) from None
+    if h * w > MAX_IMAGE_PIXELS:
+        raise UserError(f"{path}: image is {w}x{h} ({h * w / 1e6:.0f} megapixels), over the limit of "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f}; downscale it first")
+    return h, w
+
+
 def load_rgb_uint8(path):
     """HxWx3 uint8 array; grayscale, palette, CMYK and RGBA are converted to RGB. UserError naming the file if
-    unreadable, or if it is a 16/32-bit or float single-channel image (a depth PNG?), which would clip to white."""
-    _nonempty(path)
+    unreadable, or if it is a 16/32-bit or float single-channel image (a depth PNG?), which would clip to white.
+    The checks of `image_hw` come first, so nothing is decoded that they refuse."""
+    image_hw(path)
     try:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
             rgb = None if mode.startswith(("I", "F")) else np.array(img.convert("RGB"), dtype=np.uint8)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: unreadable image ({type(e).__name__}: "
-                        f"{first_line(e) if str(e).strip() else 'corrupt'})") from None
+        raise _unreadable(path, "image", e) from None
     if rgb is None:
         raise UserError(f"{path}: a {mode} image (16/32-bit or float, single channel; a depth map?), "
                         "not an 8-bit RGB image")
     return rgb
 
 
-def load_depth_m(path, hw=None):
-    """HxW float32 metres clipped to [0, 20]. UserError naming the file on a bad file, shape or value."""
-    _nonempty(path)
+def load_depth_m(path, hw=None, allow_unusual=False):
+    """HxW float32 metres clipped to [0, 20]. UserError naming the file on a bad file, shape or value: NaN/inf,
+    negative depth, or (unless allow_unusual) a median valid depth beyond UNUSUAL_DEPTH (millimetres?). The
+    dataset's own conventions (sky up to 100 m, clipped to 20) pass."""
+    _check_file(path)
     try:
         depth = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001
-        raise UserError(f"{path}: unreadable depth file ({type(e).__name__}: "
-                        f"{first_line(e) if str(e).strip() else 'corrupt'})") from None
+        raise _unreadable(path, "depth file", e) from None
     if not isinstance(depth, np.ndarray) or depth.dtype.kind != "f":
         raise UserError(f"{path}: depth must be a float array of metres, got dtype "
                         f"{getattr(depth, 'dtype', type(depth).__name__)}")
@@ -124,6 +155,16 @@ def load_depth_m(path, hw=None):
     bad = ~np.isfinite(depth)
     if bad.any():
         raise UserError(f"{path}: depth has {int(bad.sum())} NaN/inf value(s)")
+    negative = depth < 0
+    if negative.any():
+        raise UserError(f"{path}: depth has {int(negative.sum())} negative value(s) (min {depth.min():g}); "
+                        f"depth must be metres >= 0")
+    valid = depth[depth > 0]
+    median = float(np.median(valid)) if valid.size else 0.0
+    if median > UNUSUAL_DEPTH and not allow_unusual:
+        raise UserError(f"{path}: median depth {median:g} is far beyond {UNUSUAL_DEPTH:g} m, so not metres "
+                        f"(millimetres?); convert it, or pass --allow_unusual_depth to use it clipped to "
+                        f"[0, {MAX_DEPTH:g}]")
     return np.clip(depth.astype(np.float32), 0.0, MAX_DEPTH)
 
 
@@ -278,7 +319,9 @@ class DepthDataset(Dataset):
     """
     TRAIN, VAL, TEST = "train", "val", "test"
 
-    def __init__(self, data_dir, train=None, split=None, cache=False, skip_bad=False, progress=False):
+    def __init__(self, data_dir, train=None, split=None, cache=False, skip_bad=False, progress=False,
+                 allow_unusual_depth=False):
+        self.allow_unusual_depth = allow_unusual_depth
         if split is None:
             split = {True: self.TRAIN, False: self.VAL, None: None}.get(train, train)
         self.data_dir, self.split = os.fspath(data_dir), split
@@ -328,8 +371,9 @@ class DepthDataset(Dataset):
 
     def _read(self, i):
         rgb_u8 = load_rgb_uint8(self.rgb_paths[i])
-        depth_f = load_depth_m(self.depth_paths[i], rgb_u8.shape[:2]) if self.has_depth else None
-        return rgb_u8, depth_f
+        if not self.has_depth:
+            return rgb_u8, None
+        return rgb_u8, load_depth_m(self.depth_paths[i], rgb_u8.shape[:2], self.allow_unusual_depth)
 
     def __len__(self):
         return len(self.names)
@@ -359,13 +403,26 @@ class DepthDataset(Dataset):
         sub.cache = [self.cache[i] for i in indices] if self.cache is not None else None
         return sub
 
+    def frame_hw(self):
+        """(H, W) of the frames (from the cache, else from image headers); UserError naming a frame of each size
+        when they differ: training batches need frames of one size (evaluation takes any)."""
+        sizes = {}
+        for i, path in enumerate(self.rgb_paths):
+            hw = tuple(self.cache[i][0].shape[-2:]) if self.cache is not None else image_hw(path)
+            sizes.setdefault(hw, path)
+            if len(sizes) > 1:
+                (a, path_a), (b, path_b) = sizes.items()
+                raise UserError(f"{self.data_dir}: frames of two sizes in {self.split_name()}: {path_a} is "
+                                f"{a[0]}x{a[1]}, {path_b} is {b[0]}x{b[1]} (HxW); training needs one size "
+                                f"(resize the frames first)")
+        return next(iter(sizes))
+
     def stacked(self):
         """All cached frames as two tensors (uint8 [N,3,H,W], depth [N,1,H,W] or None); needs cache=True
         and frames of one size. Lets the training loop index batches directly, with no per-item work."""
         if self.cache is None:
             raise ValueError("stacked() needs DepthDataset(..., cache=True)")
-        if len({tuple(r.shape) for r, _ in self.cache}) != 1:
-            raise ValueError("frames differ in size; they cannot be stacked")
+        self.frame_hw()
         rgb = torch.stack([r for r, _ in self.cache])
         depth = torch.stack([d for _, d in self.cache]) if self.has_depth else None
         return rgb, depth

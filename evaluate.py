@@ -6,8 +6,10 @@
 --data is a dataset root (uses rgb/<split> + depth/<split>, split 'test' by default), a split folder
 (rgb/ + depth/), or a folder of images with no depth (then it only predicts, with --save_dir).
 Predictions are made at the model's input size and resized back to the ground truth's size, so every
-metric is at native resolution. Checkpoints are loaded with torch.load(weights_only=True): a file
-that would run code when unpickled is refused.
+metric is at native resolution; images of much more than the training frame's pixels (phone photos)
+are predicted at about the training frame's pixel count, aspect ratio kept (`model.working_size`).
+Checkpoints are loaded with torch.load(weights_only=True): a file that would run code when unpickled is
+refused.
 
 `evaluate_batches` and `frame_batches` are also training's evaluation path (main.py imports them), so
 main.py's val figures and this harness's are the same computation.
@@ -30,17 +32,18 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import DepthDataset
-from model import find_state_dict, load_checkpoint, model_from_checkpoint, predict_depth
-from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, fast_path, metric_sums, pick_device,
-                   summarize, visualize_img)
+from model import TRAIN_HW, find_state_dict, load_checkpoint, model_from_checkpoint, predict_depth
+from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, fast_path, metric_sums,
+                   one_line_errors, pick_device, positive_int, summarize, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
 BATCH_SIZE = 32
+MAX_BATCH_PIXELS = 2 ** 24  # a batch of large images is cut short (about 200 MB of float RGB); one frame always fits
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     a = p.add_argument
     a("--data", required=True, help="dataset root, split folder, or folder of images")
     a("--ckpt", required=True, help="checkpoint from main.py (or a bare state dict with --model)")
@@ -48,7 +51,7 @@ def get_parser():
     a("--model", default=None, help="model name for a bare state dict (python main.py --list-models)")
     a("--encoder", default=None, help="encoder name for a bare state dict")
     a("--head", default="clip", choices=["clip", "sigmoid"], help="head for a bare state dict")
-    a("--batch_size", type=int, default=BATCH_SIZE)
+    a("--batch_size", type=positive_int, default=BATCH_SIZE)
     a("--protocol", default="split", choices=["split", "course"],
       help="split: over all pixels of the split (batch-size independent); "
       "course: mean over batches of per-batch RMSE/SSIM")
@@ -58,6 +61,8 @@ def get_parser():
     a("--save_dir", default=None, help="write per-image predictions, a per-image CSV and best/worst figures here")
     a("--skip_bad", action="store_true",
       help="skip unreadable or inconsistent files and list them, instead of stopping")
+    a("--allow_unusual_depth", action="store_true",
+      help="score depth maps whose median is beyond 100 (not metres: millimetres?) clipped to [0, 20] anyway")
     a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
     a("--device", default=None)
     return p
@@ -82,6 +87,10 @@ def load_model(args, device):
     if args.tta is None:  # a shipped checkpoint names the test-time augmentation it was validated with
         args.tta = "flip" if ckpt.get("tta") == "flip" else "none"
     net = model_from_checkpoint(config, state, args.ckpt)
+    train_hw = ckpt.get("train_hw")  # much larger images (photos) are predicted at about this many pixels
+    ok = isinstance(train_hw, (list, tuple)) and len(train_hw) == 2 and all(isinstance(x, int) and x > 0
+                                                                           for x in train_hw)
+    net.train_pixels = math.prod(train_hw if ok else TRAIN_HW)
     return net.to(device).eval(), config
 
 
@@ -108,14 +117,16 @@ def evaluate_batches(model, batches, device, amp_dtype=None, channels_last=False
 
 def frame_batches(ds, batch_size, indices=None, progress=False):
     """(rgb, depth, indices) batches of a dataset's frames (all, or `indices`) in order; a batch is also cut where
-    the image size changes. Frames with no depth map get a zero map, so predictions come at the image's size."""
+    the image size changes or it would hold more than MAX_BATCH_PIXELS pixels. Frames with no depth map get a
+    zero map, so predictions come at the image's size."""
     rgbs, depths, idx = [], [], []
     for i in tqdm(range(len(ds)) if indices is None else indices, desc="evaluating", disable=not progress,
                   dynamic_ncols=True):
         rgb, depth = ds.load(i)
         if not depth.numel():
             depth = torch.zeros(1, *rgb.shape[-2:])
-        if rgbs and (rgb.shape != rgbs[0].shape or len(rgbs) == batch_size):
+        if rgbs and (rgb.shape != rgbs[0].shape or len(rgbs) == batch_size
+                     or (len(rgbs) + 1) * rgb[0].numel() > MAX_BATCH_PIXELS):
             yield torch.stack(rgbs), torch.stack(depths), idx
             rgbs, depths, idx = [], [], []
         rgbs.append(rgb)
@@ -125,15 +136,35 @@ def frame_batches(ds, batch_size, indices=None, progress=False):
         yield torch.stack(rgbs), torch.stack(depths), idx
 
 
+def output_files(name):
+    """The files --save_dir may get for a frame: its predictions, and its figure if it is among the best/worst."""
+    return {"npy": f"{name}.npy", "png": f"{name}.png", "color": f"{name}_color.png",
+            "best": f"best_{name}.png", "worst": f"worst_{name}.png"}
+
+
+def refuse_colliding_outputs(names):
+    """UserError before anything is written when two frames' --save_dir files share a name (a frame '2_color'
+    beside a frame '2'), or a frame's would be one of evaluate.py's own: a prediction would be lost."""
+    owner = {"per_image.csv": None, MARKER: None}
+    for name in names:
+        for file in output_files(name).values():
+            if file.casefold() in owner:
+                other = owner[file.casefold()]
+                raise UserError(f"--save_dir: frames '{other}' and '{name}' would both write {file}; rename one"
+                                if other is not None else f"--save_dir: frame '{name}' would write {file}, "
+                                f"which evaluate.py writes itself; rename it")
+            owner[file.casefold()] = name
+
+
 def save_prediction(save_dir, name, pred_m):
     """<name>.npy (float32 metres), <name>.png (16-bit millimetres), <name>_color.png (coloured)."""
-    pred = pred_m.astype(np.float32)
-    atomic_write(os.path.join(save_dir, f"{name}.npy"), lambda f: np.save(f, pred))
+    pred, files = pred_m.astype(np.float32), output_files(name)
+    atomic_write(os.path.join(save_dir, files["npy"]), lambda f: np.save(f, pred))
     # NaN (NaN weights): 0, no data
     mm = Image.fromarray(np.round(np.nan_to_num(pred, nan=0.0) * 1000).astype(np.uint16))
-    atomic_write(os.path.join(save_dir, f"{name}.png"), lambda f: mm.save(f, format="PNG"))
+    atomic_write(os.path.join(save_dir, files["png"]), lambda f: mm.save(f, format="PNG"))
     color = Image.fromarray((colormaps["magma_r"](pred / MAX_DEPTH)[..., :3] * 255).astype(np.uint8))
-    atomic_write(os.path.join(save_dir, f"{name}_color.png"), lambda f: color.save(f, format="PNG"))
+    atomic_write(os.path.join(save_dir, files["color"]), lambda f: color.save(f, format="PNG"))
 
 
 def check_outputs(args):
@@ -164,12 +195,14 @@ def run(args):
               file=sys.stderr)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    ds = DepthDataset(args.data, split=args.split, skip_bad=args.skip_bad, progress=sys.stderr.isatty())
+    ds = DepthDataset(args.data, split=args.split, skip_bad=args.skip_bad, progress=sys.stderr.isatty(),
+                      allow_unusual_depth=args.allow_unusual_depth)
     print(f"model {config['name']} from {args.ckpt} on {device} ({why}); {len(ds)} frames from {args.data}"
           + (f"; tta {args.tta}" if args.tta != "none" else ""))
     for path, reason in ds.skipped:
         print(f"skipped: {reason}")
     if args.save_dir:
+        refuse_colliding_outputs(ds.names)
         os.makedirs(args.save_dir, exist_ok=True)
         atomic_write(os.path.join(args.save_dir, MARKER), lambda f: f.write(b"evaluate.py output\n"))
 
@@ -187,28 +220,30 @@ def run(args):
 
     total = evaluate_batches(net, frame_batches(ds, args.batch_size, progress=sys.stderr.isatty()), device, amp_dtype,
                              channels_last, args.tta == "flip", on_batch=on_batch)
-    if not ds.has_depth:
+    if ds.has_depth:
+        if args.protocol == "split":
+            metrics = summarize(total)
+            what = "split: over all pixels of all frames (batch-size independent)"
+        else:
+            metrics = {k: float(np.mean([b[k] for b in per_batch])) for k in METRIC_NAMES}
+            what = f"course: mean over {len(per_batch)} batches of {args.batch_size} of per-batch metrics"
+        print(f"protocol {what}")
+        print(f"{'metric':<10}{'value':>10}")
+        for k in METRIC_NAMES:
+            print(f"{k:<10}{metrics[k]:>10.4f}")
+    else:  # no depth maps: the metrics are null in --out, the predictions are counted
+        metrics = {k: math.nan for k in METRIC_NAMES}
         print(f"{args.data}: images only (no depth maps): {len(ds)} predictions made, no metrics"
               + (f"; written to {args.save_dir}" if args.save_dir else "; pass --save_dir to keep them"))
-        return 0
-
-    if args.protocol == "split":
-        metrics = summarize(total)
-        what = "split: over all pixels of all frames (batch-size independent)"
-    else:
-        metrics = {k: float(np.mean([b[k] for b in per_batch])) for k in METRIC_NAMES}
-        what = f"course: mean over {len(per_batch)} batches of {args.batch_size} of per-batch metrics"
-    print(f"protocol {what}")
-    print(f"{'metric':<10}{'value':>10}")
-    for k in METRIC_NAMES:
-        print(f"{k:<10}{metrics[k]:>10.4f}")
     finite = all(math.isfinite(metrics[k]) for k in METRIC_NAMES)
     result = dict({k: v if math.isfinite(v) else None for k, v in metrics.items()},  # NaN is not JSON: null
-                  protocol=args.protocol, frames=len(ds), tta=args.tta, ckpt=args.ckpt, data=args.data,
-                  skipped=[{"file": p, "reason": r} for p, r in ds.skipped], written_by="evaluate.py")
+                  protocol=args.protocol, frames=len(ds), predictions=len(ds), tta=args.tta, ckpt=args.ckpt,
+                  data=args.data, skipped=[{"file": p, "reason": r} for p, r in ds.skipped], written_by="evaluate.py")
     if args.out:
         atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
         print(f"wrote {args.out}")
+    if not ds.has_depth:
+        return 0
     if args.save_dir:
         write_per_image(args.save_dir, ds, per_image, net, device, amp_dtype, args)
         print(f"wrote predictions, per_image.csv and best/worst figures to {args.save_dir}")
@@ -232,7 +267,7 @@ def write_per_image(save_dir, ds, per_image, net, device, amp_dtype, args):
         for tag, (i, m) in picks:
             rgb, depth = ds.load(i)
             pred = predict_depth(net, rgb[None].to(device), depth.shape[-2:], args.tta == "flip", amp_dtype)[0].cpu()
-            visualize_img(rgb, depth, pred, os.path.join(save_dir, f"{tag}_{ds.names[i]}.png"),
+            visualize_img(rgb, depth, pred, os.path.join(save_dir, output_files(ds.names[i])[tag]),
                           title=f"{tag}: frame {ds.names[i]}, RMSE {m['rmse']:.3f} m, SSIM {m['ssim']:.3f}")
 
 

@@ -40,7 +40,8 @@ from evaluate import evaluate_batches, frame_batches
 from losses import build_loss
 from model import (build_model, export_checkpoint, fit_input, freeze_encoder, list_models, load_checkpoint,
                    model_from_checkpoint, param_groups, predict_depth, save_checkpoint)
-from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, pick_device, plot_curves,
+from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
+                   non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
                    remove_stale_temps, seed_everything, summarize, visualize_img)
 
 # ------------------------------------------------------------------------------------------------
@@ -92,11 +93,12 @@ RECIPES = {  # the two reports' configurations, as the reports give them
 }
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
 RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch", "step", "best", "history", "rng")
+RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folder with it is ever continued
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     a = p.add_argument
     a("--data_dir", default=None, help=f"dataset root (default {DATA_DIR}; synthetic scenes when that is missing)")
     a("--model", default=MODEL, help="model variant (--list-models)")
@@ -107,40 +109,50 @@ def get_parser():
     a("--head", default=HEAD, choices=["clip", "sigmoid"], help="output layer")
     a("--loss", default=LOSS, help="loss spec: WEIGHT*TERM joined by '+' (losses.py)")
     a("--optimizer", default=OPTIMIZER, choices=["adam", "adamw"], help="optimizer")
-    a("--lr", type=float, default=LR, help="decoder learning rate (peak, for onecycle)")
-    a("--encoder_lr", type=float, default=ENCODER_LR, help="encoder learning rate (a recipe may set it to --lr's)")
-    a("--weight_decay", type=float, default=WEIGHT_DECAY, help="weight decay")
+    a("--lr", type=positive_float, default=LR, help="decoder learning rate (peak, for onecycle)")
+    a("--encoder_lr", type=non_negative_float, default=ENCODER_LR,
+      help="encoder learning rate (a recipe may set it to --lr's)")
+    a("--weight_decay", type=non_negative_float, default=WEIGHT_DECAY, help="weight decay")
     a("--scheduler", default=SCHEDULER, choices=["onecycle", "cyclic", "cosine", "none"], help="per-step LR schedule")
-    a("--batch_size", type=int, default=BATCH_SIZE, help="training batch (per process)")
-    a("--max_epochs", type=int, default=None,
+    a("--batch_size", type=positive_int, default=BATCH_SIZE, help="training batch (per process)")
+    a("--max_epochs", type=positive_int, default=None,
       help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; "
            f"no limit with --time_budget)")
-    a("--time_budget", type=float, default=TIME_BUDGET, help="stop after this many minutes of training (for equal-time "
-                                                              "comparisons); onecycle/cosine then run on the clock")
-    a("--ema", type=float, default=EMA, help="decay of the per-step weight average (0: off)")
-    a("--evaluate_every", type=int, default=EVALUATE_EVERY, help="epochs between evaluations")
-    a("--visualize_every", type=int, default=VISUALIZE_EVERY, help="steps between val figures (0: at evaluations only)")
+    a("--time_budget", type=positive_float, default=TIME_BUDGET,
+      help="stop after this many minutes of training (for equal-time comparisons); onecycle/cosine then run on "
+           "the clock")
+    a("--ema", type=flag_range(float, 0, 1, below=True), default=EMA,
+      help="decay of the per-step weight average (0: off)")
+    a("--evaluate_every", type=positive_int, default=EVALUATE_EVERY, help="epochs between evaluations")
+    a("--visualize_every", type=non_negative_int, default=VISUALIZE_EVERY,
+      help="steps between val figures (0: at evaluations only)")
     a("--augment", default=AUGMENT, help=f"'none' or '+'-joined: {', '.join(ds_lib.AUGMENTS)} (dataset.py)")
     a("--freeze", default=FREEZE, choices=["none", "stem", "encoder"], help="encoder parts kept frozen")
-    a("--train_eval_frames", type=int, default=TRAIN_EVAL_FRAMES, help="train metrics on this many frames (0: all)")
+    a("--train_eval_frames", type=non_negative_int, default=TRAIN_EVAL_FRAMES,
+      help="train metrics on this many frames (0: all)")
     a("--ckpt_dir", default=CKPT_DIR, help="folder of run folders")
     a("--ckpt_name", default=None, help="run folder name (default: the model name, never an existing run)")
-    a("--keep", type=int, default=KEEP, help="epoch checkpoints kept besides best.pth and last.pth")
-    a("--seed", type=int, default=SEED, help="seed of everything random")
+    a("--keep", type=non_negative_int, default=KEEP, help="epoch checkpoints kept besides best.pth and last.pth")
+    a("--seed", type=non_negative_int, default=SEED, help="seed of everything random")
     a("--resume", default=None, help="last.pth (or any checkpoint) of a run to continue exactly")
-    a("--stop_after_epochs", type=int, default=None, help="stop cleanly after this epoch (continue with --resume)")
-    a("--workers", type=int, default=WORKERS, help="DataLoader workers when the data is not cached")
+    a("--stop_after_epochs", type=positive_int, default=None,
+      help="stop cleanly after this epoch (continue with --resume)")
+    a("--workers", type=non_negative_int, default=WORKERS, help="DataLoader workers when the data is not cached")
+    a("--allow_unusual_depth", action="store_true",
+      help="train on depth maps whose median is beyond 100 (not metres: millimetres?), clipped to [0, 20] anyway")
     a("--cache", default=CACHE, choices=["auto", "on", "off"], help="decode every frame once into RAM")
     a("--amp", default=AMP, choices=["auto", "none", "bf16", "fp16"], help="autocast dtype")
     a("--channels_last", default=CHANNELS_LAST, choices=["auto", "on", "off"], help="memory format")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     a("--recipe", default=None, choices=sorted(RECIPES), help="a report's configuration")
-    a("--folds", type=int, default=FOLDS, help="block cross-validation: train+val frames in order, cut into this many "
-                                               "contiguous blocks; runs every fold and writes cv.csv / cv.md (0: off)")
-    a("--fold", type=int, default=None, help="with --folds: run only this fold (1..folds), holding out block FOLD")
-    a("--guard", type=int, default=GUARD, help="with --folds: frames dropped from training on each side of the "
-                                               "held-out block")
+    a("--folds", type=non_negative_int, default=FOLDS,
+      help="block cross-validation: train+val frames in order, cut into this many contiguous blocks; runs every "
+           "fold and writes cv.csv / cv.md (0: off)")
+    a("--fold", type=positive_int, default=None,
+      help="with --folds: run only this fold (1..folds), holding out block FOLD")
+    a("--guard", type=non_negative_int, default=GUARD,
+      help="with --folds: frames dropped from training on each side of the held-out block")
     a("--train_splits", default=TRAIN_SPLITS, help="splits to train on, joined by '+' (e.g. train+val to ship a "
                                                    "recipe chosen by --folds; val metrics then score training frames)")
     a("--list-models", "--list_models", dest="list_models", action="store_true", help="list the models and exit")
@@ -218,11 +230,11 @@ def load_splits(args, data_dir, main_proc):
     splits = ["train", "val"] if args.folds else args.train_splits.split("+")
     n_frames = sum(len(ds_lib.find_pairs(data_dir, s)[0]) for s in set(splits + ["val"]))
     cache = args.cache == "on" or (args.cache == "auto" and fits_in_ram(n_frames))
+    read = functools.partial(ds_lib.DepthDataset, data_dir, cache=cache, progress=main_proc,
+                             allow_unusual_depth=args.allow_unusual_depth)
     if not args.folds:
-        train_set = ds_lib.DepthDataset(data_dir, split=splits if len(splits) > 1 else splits[0], cache=cache,
-                                        progress=main_proc)
-        return train_set, ds_lib.DepthDataset(data_dir, split="val", cache=cache, progress=main_proc), cache
-    frames = ds_lib.DepthDataset(data_dir, split=splits, cache=cache, progress=main_proc)
+        return read(split=splits if len(splits) > 1 else splits[0]), read(split="val"), cache
+    frames = read(split=splits)
     train_idx, held_idx = ds_lib.block_folds(len(frames), args.folds, args.guard)[args.fold - 1]
     return frames.subset(train_idx), frames.subset(held_idx), cache
 
@@ -263,6 +275,7 @@ def load_data(args, env):
     train_set, val_set, cache = load_splits(args, data_dir, env.main)
     if not train_set.has_depth or not val_set.has_depth:
         raise UserError(f"{data_dir}: training needs depth maps for train and val (found images only)")
+    train_hw, _ = train_set.frame_hw(), val_set.frame_hw()  # frames of one size in each, or one line naming two
     stacked = train_set.stacked() if cache else None
     if stacked is not None and env.device.type == "cuda":
         stacked = tuple(t.to(env.device) for t in stacked)  # the whole uint8 split lives on the GPU
@@ -280,7 +293,7 @@ def load_data(args, env):
     n_train_eval = len(train_set) if args.train_eval_frames <= 0 else min(args.train_eval_frames, len(train_set))
     train_eval_idx = sorted({round(i * (len(train_set) - 1) / max(1, n_train_eval - 1)) for i in range(n_train_eval)})
     return SimpleNamespace(
-        dir=data_dir, synthetic=is_synthetic, train=train_set, val=val_set, stacked=stacked,
+        dir=data_dir, synthetic=is_synthetic, train=train_set, val=val_set, stacked=stacked, train_hw=train_hw,
         steps_per_epoch=steps_per_epoch, val_idx=list(range(len(val_set)))[env.rank::env.world],
         train_eval_idx=train_eval_idx[env.rank::env.world], n_train_eval=n_train_eval,
         fig_idx=sorted({0, len(val_set) // 2, len(val_set) - 1}), eval_batch_size=max(args.batch_size, EVAL_BATCH_SIZE))
@@ -436,13 +449,15 @@ def build_run(args, env, data, ckpt):
         scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),
         loss_fn=build_loss(args.loss), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None, train_seconds=0.0,
-        best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None)
+        best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,
+        train_hw=list(data.train_hw))
     if ckpt is not None:
         restore_training_state(run, ckpt, args.resume)
         run.dir = os.path.dirname(os.path.abspath(args.resume))
         env.log(f"resumed {args.resume}: {run.epoch} epoch(s) done, step {run.step}")
     elif env.main:
         run.dir = new_run_dir(args)
+        atomic_write(os.path.join(run.dir, RUN_MARKER), lambda f: f.write(b"a main.py run folder\n"))
     if env.world > 1:
         box = [run.dir]
         dist.broadcast_object_list(box)
@@ -471,6 +486,7 @@ def training_state(run):
     net, scheduler, scaler = run.net, run.scheduler, run.scaler
     return {
         "model": dict(net.config), "input_size": list(net.input_size) if net.input_size else None,
+        "train_hw": run.train_hw,
         "state_dict": weights(run.eval_net), "train_state_dict": weights(net) if run.ema_net is not None else None,
         "epoch": run.epoch, "step": run.step, "in_epoch": run.in_epoch, "train_seconds": run.train_seconds,
         "optimizer": run.optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
@@ -528,10 +544,14 @@ def save_checkpoints(run, env, names):
 
 
 def holds_run(folder):
-    """Whether a folder holds anything but what a run killed before its first checkpoint leaves behind
-    (metrics, figures, temp files); the same command started again continues in such a folder."""
-    return os.path.isdir(folder) and any(f not in ("metrics.csv", "curves.png", "figures") and not TEMP_NAME.match(f)
-                                         for f in os.listdir(folder))
+    """Whether a folder is taken: it holds anything but what a run of ours killed before its first checkpoint
+    leaves behind (our RUN_MARKER, metrics, figures, temp files); the same command started again continues in such
+    a folder. Without the marker, any file (a user's own metrics.csv) makes it taken."""
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    if RUN_MARKER not in entries:
+        return bool(entries)
+    return any(f not in (RUN_MARKER, "metrics.csv", "curves.png", "figures") and not TEMP_NAME.match(f)
+               for f in entries)
 
 
 def new_run_dir(args):

@@ -20,6 +20,7 @@ losses count >20 m as right where the truth is at the 20 m clip) and clamped to 
 
     python model.py --check-imagenet cat.jpg   # verifies the offline EfficientNet-Lite weights
 """
+import contextlib
 import functools
 import glob
 import importlib
@@ -27,20 +28,28 @@ import inspect
 import io
 import math
 import os
+import pickle
+import pickletools
+import re
 import warnings
+import zipfile
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import MAX_DEPTH, UserError, atomic_write, autocast, first_line
+from utils import MAX_DEPTH, UserError, atomic_write, autocast, first_line, refuse_special_file
 
 HEADS = ("clip", "sigmoid")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EFFNET_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 STEM_NAMES = ("conv_stem", "bn1", "conv1", "stem", "stem_0", "stem_1")  # encoder stems (timm names), for freezing
 CKPT_FORMAT = "depthkit-checkpoint-v1"
+TRAIN_HW = (144, 256)  # DepthEstimationUnreal's frames: the training size of checkpoints that do not record theirs
+LARGE_INPUT = 2.0  # inputs of more than this many times the training frame's pixels are predicted at about its size
+INFLATE_SLACK = 2 ** 20  # bytes a checkpoint's zip records may hold beyond the file's own size
+CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -57,6 +66,7 @@ class DepthModel(nn.Module):
         self.frozen = ()  # encoder submodules with no gradient and BN kept in eval mode ("": all of it)
         freeze(self, frozen)
         self.head, self.config = "clip", {}
+        self.train_pixels = None  # pixels of a training frame, when known: much larger inputs are predicted smaller
 
     def train(self, mode=True):
         super().train(mode)
@@ -97,6 +107,19 @@ def fit_input(rgb, input_size):
     return F.interpolate(rgb, size=tuple(input_size), mode="bilinear", align_corners=False, antialias=True)
 
 
+def working_size(hw, input_size=None, train_pixels=None):
+    """The size a model predicts an image of size hw at: its fixed input size if it has one; else hw, unless hw
+    has more than LARGE_INPUT times the training frame's pixels (a phone photo): then about the training frame's
+    pixel count at hw's aspect ratio, sides multiples of 32 (the prediction is resized back to hw)."""
+    if input_size:
+        return tuple(input_size)
+    h, w = hw
+    if not train_pixels or h * w <= LARGE_INPUT * train_pixels:
+        return tuple(hw)
+    scale = math.sqrt(train_pixels / (h * w))
+    return max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32)
+
+
 def predict_depth(model, rgb, out_hw=None, tta=False, amp_dtype=None, channels_last=False):
     """Depth in metres [B,1,H,W] at out_hw (default: the input's size), clamped to [0, 20].
 
@@ -105,7 +128,9 @@ def predict_depth(model, rgb, out_hw=None, tta=False, amp_dtype=None, channels_l
     tta=True averages with the prediction of the horizontally flipped image. Call in eval mode.
     """
     out_hw = tuple(out_hw or rgb.shape[-2:])
-    x = fit_input(rgb, getattr(getattr(model, "module", model), "input_size", None))
+    net = getattr(model, "module", model)
+    size = working_size(rgb.shape[-2:], getattr(net, "input_size", None), getattr(net, "train_pixels", None))
+    x = fit_input(rgb, size)
     if tta:
         x = torch.cat([x, x.flip(-1)])
     if channels_last:
@@ -439,23 +464,63 @@ def load_checkpoint(path, map_location="cpu"):
         raise UserError(f"{path}: checkpoint file not found")
     if os.path.isdir(path):
         raise UserError(f"{path}: is a folder, not a checkpoint file")
-    if os.path.getsize(path) == 0:
+    refuse_special_file(path)
+    size = os.path.getsize(path)
+    if size == 0:
         raise UserError(f"{path}: checkpoint file is empty (0 bytes)")
+    inflated = zip_records_bytes(path)
+    if inflated > size + INFLATE_SLACK:
+        raise UserError(f"{path}: refused: its records inflate to {inflated / 2 ** 20:.0f} MiB from a "
+                        f"{size / 2 ** 20:.1f} MiB file (torch.save never compresses)")
     try:
         with warnings.catch_warnings():  # torch warns about legacy pickles; the refusal below says it in one line
             warnings.simplefilter("ignore")
             obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
-        text = str(e)
-        if "Unsupported global" in text or "not an allowed global" in text:
+        if would_run_code(path, e):
             raise UserError(f"{path}: refused: it holds Python objects other than tensors and plain types "
                             f"(loading it could run code); only weights-only checkpoints are accepted") from None
-        detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        detail = first_line(str(e).split("WeightsUnpickler error:", 1)[-1].strip() or e)
+        if re.search(r"weights_only|trust", detail, re.IGNORECASE):  # never pass on advice to load it unsafely
+            detail = type(e).__name__
         raise UserError(f"{path}: not a readable checkpoint (truncated, corrupt or not a PyTorch file: "
-                        f"{first_line(detail or e)[:200]})") from None
+                        f"{detail[:200]})") from None
     if not isinstance(obj, dict):
         raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
     return obj
+
+
+def zip_records_bytes(path):
+    """Total uncompressed bytes of a zip file's records (a torch.save file is a zip of stored records); 0 for a
+    file that is not a zip."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return 0
+
+
+def would_run_code(path, error):
+    """Whether torch's weights-only refusal of a file is for code: its refusal of a global (in any wording), or a
+    pickle (raw, or a zip's data.pkl) that scans whole to its end and imports or calls something (random bytes
+    do not). Scanned, never unpickled."""
+    if not isinstance(error, pickle.UnpicklingError):
+        return False
+    if re.search(r"global|unsupported class", str(error), re.IGNORECASE):
+        return True
+    try:
+        with contextlib.ExitStack() as stack:
+            if zipfile.is_zipfile(path):
+                archive = stack.enter_context(zipfile.ZipFile(path))
+                stream = stack.enter_context(archive.open(next(n for n in archive.namelist()
+                                                                if n.endswith("data.pkl"))))
+            else:
+                stream = stack.enter_context(open(path, "rb"))
+            opcodes = {op.name for op, _, _ in pickletools.genops(stream)}
+            whole = stream.read(1) == b""  # the pickle ends where the file (or record) does
+    except Exception:  # noqa: BLE001 - not a whole pickle: random bytes or a damaged file
+        return False
+    return whole and bool(opcodes & CODE_OPCODES)
 
 
 def is_state_dict(obj):
@@ -483,11 +548,11 @@ def model_from_checkpoint(config, state, source):
         raise UserError(f"{source}: not a depth checkpoint (no model description and state dict of tensors)")
     config = {k: v for k, v in config.items() if k not in ("pretrained", "encoder_weights")}
     try:
-        net = build_model(**config)
-    except (UserError, TypeError) as e:
-        raise UserError(f"{source}: cannot build the model it describes ({e})") from None
+        with torch.device("meta"):  # shapes only, no memory: a description of absurd size is refused before it is built
+            own = build_model(**config).state_dict()
+    except (UserError, TypeError, ValueError, RuntimeError) as e:
+        raise UserError(f"{source}: cannot build the model it describes ({first_line(e)})") from None
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = net.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -495,6 +560,7 @@ def model_from_checkpoint(config, state, source):
         parts = [f"{len(x)} {what} (e.g. {', '.join(x[:3])})" for x, what in
                  [(missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "shape mismatches")] if x]
         raise UserError(f"{source}: weights do not fit model '{config['name']}': " + "; ".join(parts))
+    net = build_model(**config)  # as large as the tensors already loaded
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
     return net
 
@@ -509,8 +575,8 @@ def export_checkpoint(src, dst, half=False, tta=None):
     if os.path.exists(dst):
         raise UserError(f"{dst}: exists; export writes a new file only (move the old one away first)")
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    slim = {k: ckpt[k] for k in ("model", "input_size", "epoch", "step", "best", "args", "history", "versions",
-                                 "train_seconds")
+    slim = {k: ckpt[k] for k in ("model", "input_size", "train_hw", "epoch", "step", "best", "args", "history",
+                                 "versions", "train_seconds")
             if k in ckpt}
     save_checkpoint(dst, dict(slim, state_dict=state, exported_from=os.path.basename(src), tta=tta))
     return dst

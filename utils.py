@@ -4,12 +4,14 @@ The user-facing error, the one SSIM (the course definition), the one metrics fun
 over a whole split), the figures (`visualize_img`, `plot_curves`), seeding, device and speed choices
 (`fast_path`), and atomic file writes.
 """
+import argparse
 import contextlib
 import math
 import os
 import platform
 import random
 import re
+import stat
 import tempfile
 import warnings
 
@@ -210,10 +212,65 @@ def seed_everything(seed):
 
 
 def pick_device(name=None):
-    """'cuda' when a GPU is there, else 'cpu' (or the device named)."""
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """'cuda' when a GPU is there, else 'cpu' (or the device named: UserError when it is not one this machine has)."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)") from None
+    available = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    if device.type not in available:
+        raise UserError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)")
+    if (device.index or 0) >= available[device.type]:
+        raise UserError(f"--device {name}: this machine has {available[device.type] or 'no'} {device.type} "
+                        f"device(s){'; use --device cpu' if device.type != 'cpu' else ''}")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# command lines: flags range-checked as they are parsed, every error in one line
+
+def flag_range(kind, low, high=None, above=False, below=False):
+    """An argparse `type=` that parses an int or float and checks it lies in [low, high] (open ends: above/below);
+    argparse then stops with one line naming the flag and the accepted range."""
+    what = "an integer" if kind is int else "a number"
+    accepted = (f"{'>' if above else '>='} {low:g}" if high is None else
+                f"in {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}")
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what} {accepted}, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if above else value >= low)
+                and (high is None or (value < high if below else value <= high))):
+            raise argparse.ArgumentTypeError(f"must be {what} {accepted}, got {text}")
+        return value
+    parse.__name__ = f"{kind.__name__} {accepted}"
+    return parse
+
+
+positive_int = flag_range(int, 1)
+non_negative_int = flag_range(int, 0)
+positive_float = flag_range(float, 0, above=True)
+non_negative_float = flag_range(float, 0)
+
+
+def one_line_errors(parser):
+    """The parser, set to report a bad command line as one line, `error: ...` (no usage block), exit status 2."""
+    parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists the flags)\n")
+    return parser
+
+
+def refuse_special_file(path):
+    """UserError for a path that names a named pipe, device or socket: opening one can block forever or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # a missing or unreadable file: the caller's own open says so
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise UserError(f"{path}: not a regular file (a named pipe, device or socket); refused")
 
 
 def _umask():

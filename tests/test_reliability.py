@@ -10,15 +10,20 @@ child processes give the same numbers to the last bit.
 import csv
 import errno
 import hashlib
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +31,11 @@ import pytest
 import torch
 from PIL import Image
 
+import benchmark
 import evaluate
 import losses
 import main as main_mod
+import model as model_lib
 import utils
 from conftest import ROOT, exploit, message_lines, run_script
 from model import load_checkpoint, save_checkpoint
@@ -270,6 +277,7 @@ def test_restarting_in_a_folder_left_before_the_first_checkpoint(small_root, tmp
     there (clearing the temp files). Anything else in the folder still counts as a run never overwritten."""
     run_dir = tmp_path / "r"
     (run_dir / "figures").mkdir(parents=True)
+    (run_dir / main_mod.RUN_MARKER).write_text("")  # the first file a run writes
     (run_dir / "metrics.csv").write_text("epoch\n1\n")
     (run_dir / ".last.pth.k2j4_9zq.tmp").write_bytes(b"partial")
     (run_dir / "figures" / ".epoch002_val3.png.a1b2c3d4.tmp").write_bytes(b"partial")
@@ -384,7 +392,6 @@ def hostile_checkpoint(kind, ref_best, path, victim):
     elif kind == "unknown_encoder":
         save_checkpoint(path, {"model": dict(config, encoder="no_such_net"), "state_dict": state})
     elif kind == "bare_state_dict_of_another_model":
-        import model as model_lib
         torch.save(model_lib.build_model("unet_res", encoder="resnet18").state_dict(), path)
         return ["--model", "unet_res", "--encoder", "mobilenetv3_small_050"]
     elif kind == "nan_weights":
@@ -394,6 +401,23 @@ def hostile_checkpoint(kind, ref_best, path, victim):
     elif kind == "asks_to_fetch_and_read_files":  # options that would download or read: ignored, weights are here
         save_checkpoint(path, {"model": dict(config, pretrained=True, encoder_weights=str(victim)),
                                "state_dict": state})
+    elif kind == "raw_pickle_exploit":  # pickle's default protocol: torch calls it an unsupported operand
+        Path(path).write_bytes(pickle.dumps({"state_dict": exploit(victim)}))
+    elif kind == "absurd_widths":  # a 3 MB file describing a decoder of ~10^12 parameters
+        save_checkpoint(path, {"model": dict(config, decoder_channels=[2 ** 20] * 5), "state_dict": state})
+    elif kind == "inflating_records":  # a small file with one deflated record of 64 MiB of zeros
+        buf = io.BytesIO()
+        torch.save({"model": config, "state_dict": state, "format": model_lib.CKPT_FORMAT}, buf)
+        with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as dst:
+            for info in src.infolist():
+                dst.writestr(info, src.read(info))
+            bomb = zipfile.ZipInfo(src.namelist()[0].split("/")[0] + "/data/bomb")
+            bomb.compress_type = zipfile.ZIP_DEFLATED
+            with dst.open(bomb, "w") as f:
+                for _ in range(64):
+                    f.write(bytes(2 ** 20))
+    elif kind == "named_pipe":  # opening it would block forever
+        os.mkfifo(path)
     return []
 
 
@@ -413,6 +437,11 @@ HOSTILE = {  # kind: (exit status, the line on stderr; {ckpt} is the file)
     "nan_weights": (3,
                     "warning: {ckpt}: 1 tensor(s) hold NaN/inf (e.g. decoder.out.weight); predictions will be wrong"),
     "asks_to_fetch_and_read_files": (0, None),
+    "raw_pickle_exploit": (2, "error: {ckpt}: refused: it holds Python objects other than tensors and plain types "
+                              "(loading it could run code)"),
+    "absurd_widths": (2, "error: {ckpt}: weights do not fit model 'unet_res': "),
+    "inflating_records": (2, "error: {ckpt}: refused: its records inflate to "),
+    "named_pipe": (2, "error: {ckpt}: not a regular file (a named pipe, device or socket); refused"),
 }
 
 
@@ -427,7 +456,7 @@ def test_evaluate_refuses_hostile_checkpoints_in_one_line(reference, small_root,
     err = capsys.readouterr().err
     assert rc == status, err
     if line:
-        one_line(err, line.format(ckpt=ckpt))
+        assert "weights_only" not in one_line(err, line.format(ckpt=ckpt))  # never advice to load it unsafely
     else:
         assert message_lines(err) == []
     assert not victim.exists()  # no code ran (and exit 0 for asks_to_fetch...: nothing was fetched or read)
@@ -457,7 +486,6 @@ def resume_checkpoint(kind, ref_last, path, victim):
     elif kind == "no_optimizer":
         torch.save({k: v for k, v in ckpt.items() if k != "optimizer"}, path)
     elif kind == "weights_of_another_model":
-        import model as model_lib
         torch.save(dict(ckpt, state_dict=model_lib.build_model("unet_res", encoder="resnet18").state_dict()), path)
     elif kind == "unknown_model":
         torch.save(dict(ckpt, model={"name": "evil"}), path)
@@ -469,7 +497,7 @@ def resume_checkpoint(kind, ref_last, path, victim):
 
 RESUME = {
     "exploit": "refused: it holds Python objects other than tensors and plain types",
-    "raw_pickle_exploit": "not a readable checkpoint",
+    "raw_pickle_exploit": "refused: it holds Python objects other than tensors and plain types",
     "truncated": "not a readable checkpoint (truncated, corrupt or not a PyTorch file",
     "random_bytes": "not a readable checkpoint",
     "empty": "checkpoint file is empty (0 bytes)",
@@ -544,6 +572,17 @@ def damage(rgb_dir, depth_dir, frame, case, victim=None):
         np.save(depth, d)
     elif case == "npy_pickle_exploit":
         np.save(depth, np.array([exploit(victim)], dtype=object), allow_pickle=True)
+    elif case == "npy_negative":
+        np.save(depth, -np.load(depth))
+    elif case == "npy_millimetres_float":
+        np.save(depth, np.load(depth) * 1000)
+    elif case in ("named_pipe_jpeg", "named_pipe_npy"):  # opening one would block forever
+        os.remove(rgb if "jpeg" in case else depth)
+        os.mkfifo(rgb if "jpeg" in case else depth)
+    elif case == "huge_png_header":  # 144 megapixels claimed in a 100-byte file: refused before decoding
+        os.remove(rgb)
+        rgb = rgb[:-5] + ".png"
+        Path(rgb).write_bytes(png_header(12000, 12000))
     elif case == "image_without_depth":
         os.remove(depth)
         return f"(e.g. {frame})"
@@ -565,7 +604,21 @@ BROKEN = {
     "npy_pickle_exploit": "unreadable depth file (ValueError: Object arrays cannot be loaded when allow_pickle=False)",
     "image_without_depth": "unpaired frames: 1 image(s) without depth in",
     "depth_without_image": "unpaired frames: 1 depth map(s) without image in",
+    "npy_negative": "negative value(s) (min -",
+    "npy_millimetres_float": "is far beyond 100 m, so not metres (millimetres?); convert it, or pass "
+                             "--allow_unusual_depth",
+    "named_pipe_jpeg": "not a regular file (a named pipe, device or socket); refused",
+    "named_pipe_npy": "not a regular file (a named pipe, device or socket); refused",
+    "huge_png_header": "image is 12000x12000 (144 megapixels), over the limit of 40",
 }
+
+
+def png_header(width, height):
+    """A PNG that claims width x height RGB pixels but holds almost no data: PIL reads its size from the header."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
 
 
 @QUIET
@@ -637,6 +690,9 @@ MAIN_BROKEN = {  # (split, case): the message (val frames are numbered 16-19)
     ("train", "image_without_depth"): "unpaired frames: 1 image(s) without depth in",
     ("val", "npy_nan"): "depth has 1 NaN/inf value(s)",
     ("val", "text_named_jpeg"): "unreadable image (UnidentifiedImageError: cannot identify image file",
+    ("train", "npy_millimetres_float"): "is far beyond 100 m, so not metres",
+    ("val", "npy_negative"): "negative value(s)",
+    ("train", "named_pipe_jpeg"): "not a regular file (a named pipe, device or socket); refused",
 }
 
 
@@ -794,3 +850,142 @@ def test_fp16_overflow_steps_are_skipped_on_cuda():
         main_mod.train_step(net, None, rgb, depth, loss_fn, opt, None, scaler, torch.float16, True)
     assert any(not torch.equal(before[k], p) for k, p in net.named_parameters())
     assert all(torch.isfinite(p).all() for p in net.parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# hostile inputs, round two: flags, devices, large photos, implausible depth, mixed sizes, output collisions
+# (hostile checkpoints and broken data of this round are in HOSTILE, RESUME, BROKEN and MAIN_BROKEN above)
+
+BAD_FLAGS = [  # (script, flags, the one line after "error: argument ")
+    ("main", ["--batch_size", "0"], "--batch_size: must be an integer >= 1, got 0"),
+    ("main", ["--batch_size", "-1"], "--batch_size: must be an integer >= 1, got -1"),
+    ("main", ["--lr", "-1"], "--lr: must be a number > 0, got -1"),
+    ("main", ["--lr", "nan"], "--lr: must be a number > 0, got nan"),
+    ("main", ["--max_epochs", "0"], "--max_epochs: must be an integer >= 1, got 0"),
+    ("main", ["--evaluate_every", "0"], "--evaluate_every: must be an integer >= 1, got 0"),
+    ("main", ["--workers", "-1"], "--workers: must be an integer >= 0, got -1"),
+    ("main", ["--time_budget", "-5"], "--time_budget: must be a number > 0, got -5"),
+    ("main", ["--ema", "1.5"], "--ema: must be a number in [0, 1), got 1.5"),
+    ("main", ["--weight_decay", "-0.1"], "--weight_decay: must be a number >= 0, got -0.1"),
+    ("main", ["--folds", "x"], "--folds: must be an integer >= 0, got 'x'"),
+    ("evaluate", ["--batch_size", "0", "--protocol", "course"], "--batch_size: must be an integer >= 1, got 0"),
+    ("benchmark", ["--steps", "0"], "--steps: must be an integer >= 1, got 0"),
+    ("benchmark", ["--template_workers", "-2"], "--template_workers: must be an integer >= 0, got -2"),
+]
+
+
+@pytest.mark.parametrize("script,flags,line", BAD_FLAGS)
+def test_out_of_range_flags_stop_at_parse_time_in_one_line(tmp_path, capsys, script, flags, line):
+    module = {"main": main_mod, "evaluate": evaluate, "benchmark": benchmark}[script]
+    needed = ["--data", str(tmp_path), "--ckpt", str(tmp_path / "c.pth")] if script == "evaluate" else []
+    with pytest.raises(SystemExit) as stop:
+        module.main(needed + flags)
+    assert stop.value.code == 2
+    one_line(capsys.readouterr().err, f"error: argument {line} (--help lists the flags)")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("script,device,line", [
+    ("main", "foo", "not a device name (cpu, cuda, cuda:1, mps)"),
+    ("main", "cuda:7", "this machine has "),
+    ("evaluate", "foo", "not a device name (cpu, cuda, cuda:1, mps)"),
+    ("evaluate", "cuda:7", "this machine has "),
+])
+def test_devices_this_machine_lacks_are_one_line(reference, small_root, tmp_path, capsys, script, device, line):
+    if script == "main":
+        rc = main_mod.main(train_args(small_root, tmp_path, "d", "--device", device))
+    else:
+        rc = evaluate.main(["--data", small_root, "--ckpt", os.path.join(reference["dir"], "best.pth"),
+                            "--device", device, "--out", str(tmp_path / "m.json")])
+    assert rc == 2
+    one_line(capsys.readouterr().err, f"error: --device {device}: {line}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_working_size_keeps_the_aspect_ratio_near_the_training_pixels():
+    assert model_lib.working_size((3000, 4000), None, 144 * 256) == (160, 224)  # a 12-megapixel photo
+    assert model_lib.working_size((4000, 3000), None, 144 * 256) == (224, 160)
+    assert model_lib.working_size((144, 256), None, 144 * 256) == (144, 256)  # the data itself: unchanged
+    assert model_lib.working_size((200, 300), None, 144 * 256) == (200, 300)  # not much larger: unchanged
+    assert model_lib.working_size((3000, 4000), (224, 224), 144 * 256) == (224, 224)  # a fixed input size wins
+    assert model_lib.working_size((3000, 4000), None, None) == (3000, 4000)  # training size unknown
+
+
+@QUIET
+def test_large_photos_are_predicted_at_the_training_size_and_resized_back(reference, tmp_path, monkeypatch, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for name, (h, w) in (("portrait", (1200, 900)), ("landscape", (900, 1200))):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(photos / f"{name}.jpeg")
+    seen, fit = [], model_lib.fit_input
+    monkeypatch.setattr(model_lib, "fit_input", lambda rgb, size: seen.append(tuple(size)) or fit(rgb, size))
+    assert evaluate.main(["--data", str(photos), "--ckpt", os.path.join(reference["dir"], "best.pth"), "--amp", "none",
+                          "--save_dir", str(tmp_path / "preds"), "--out", str(tmp_path / "m.json")]) == 0
+    assert message_lines(capsys.readouterr().err) == []
+    assert load_checkpoint(os.path.join(reference["dir"], "best.pth"))["train_hw"] == [48, 64]
+    assert sorted(seen) == [(64, 64), (64, 64)]  # 48x64 training frames: ~3072 pixels, multiples of 32
+    assert np.load(tmp_path / "preds" / "portrait.npy").shape == (1200, 900)
+    assert np.load(tmp_path / "preds" / "landscape.npy").shape == (900, 1200)
+    m = json.loads((tmp_path / "m.json").read_text())  # images only: --out is still written
+    assert m["rmse"] is None and m["frames"] == m["predictions"] == 2
+
+
+@QUIET
+def test_a_split_in_millimetres_needs_the_flag_and_sky_at_100_m_is_fine(reference, small_root, tmp_path, capsys):
+    data = split_folder(small_root, tmp_path / "data", n=4)
+    for i in range(4):
+        depth = os.path.join(data, "depth", f"{i}.npy")
+        np.save(depth, np.load(depth) * 1000)
+    args = ["--data", data, "--ckpt", os.path.join(reference["dir"], "best.pth"), "--amp", "none"]
+    assert evaluate.main(args) == 2
+    one_line(capsys.readouterr().err, "error: ", "so not metres (millimetres?)", "--allow_unusual_depth")
+    assert evaluate.main(args + ["--allow_unusual_depth", "--out", str(tmp_path / "mm.json")]) == 0
+    assert message_lines(capsys.readouterr().err) == []
+    sky = np.full((48, 64), 100.0, np.float32)  # the dataset's convention: sky at 100 m, here 70% of the frame
+    sky[-15:] = 8.0
+    for i in range(4):
+        np.save(os.path.join(data, "depth", f"{i}.npy"), sky)
+    assert evaluate.main(args + ["--out", str(tmp_path / "sky.json")]) == 0
+    assert message_lines(capsys.readouterr().err) == []
+
+
+@QUIET
+@pytest.mark.parametrize("cache", ["on", "off"])
+def test_main_refuses_frames_of_two_sizes_naming_one_of_each(small_root, tmp_path, capsys, cache):
+    root = dataset_root(small_root, tmp_path / "data")
+    rgb, depth = os.path.join(root, "rgb", "train", "3.jpeg"), os.path.join(root, "depth", "train", "3.npy")
+    Image.open(rgb).resize((56, 40)).save(rgb)
+    np.save(depth, np.ones((40, 56), np.float32))
+    assert main_mod.main(train_args(root, tmp_path / "runs", "m", "--cache", cache)) == 2
+    one_line(capsys.readouterr().err, "frames of two sizes in train: ", os.path.join(root, "rgb", "train", "0.jpeg"),
+             "is 48x64", f"{rgb} is 40x56", "training needs one size")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+@QUIET
+def test_save_dir_names_that_would_collide_are_refused_before_anything_is_written(reference, small_root, tmp_path,
+                                                                                  capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("2968", "2968_color"):
+        shutil.copy(os.path.join(small_root, "rgb", "test", "20.jpeg"), photos / f"{name}.jpeg")
+    assert evaluate.main(["--data", str(photos), "--ckpt", os.path.join(reference["dir"], "best.pth"), "--amp", "none",
+                          "--save_dir", str(tmp_path / "preds")]) == 2
+    one_line(capsys.readouterr().err, "error: --save_dir: frames '2968' and '2968_color' would both write "
+                                      "2968_color.png; rename one")
+    assert not (tmp_path / "preds").exists()
+
+
+def test_a_folder_holding_only_a_users_metrics_and_curves_is_never_taken_for_a_killed_run(small_root, tmp_path):
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    (run_dir / "metrics.csv").write_text("my own numbers\n")
+    (run_dir / "curves.png").write_bytes(b"my own figure")
+    args, _ = main_mod.parse_args(train_args(small_root, tmp_path, "r"))
+    with pytest.raises(UserError, match="already holds a run"):
+        main_mod.new_run_dir(args)
+    args.ckpt_name = None
+    args.ckpt_dir, args.model = str(tmp_path), "r"
+    assert main_mod.new_run_dir(args) == str(tmp_path / "r-2")
+    assert (run_dir / "metrics.csv").read_text() == "my own numbers\n"
