@@ -65,8 +65,8 @@ def test_image_only_folder(tmp_path, tiny_frames):
 
 def test_clipping_and_types(tmp_path, tiny_frames):
     rgb, _ = tiny_frames(1)[0]
-    depth = np.full((24, 32), 100.0, np.float32)
-    depth[0, 0], depth[0, 1] = -3.0, 7.25
+    depth = np.full((24, 32), 100.0, np.float32)  # sky, as the dataset stores it
+    depth[0, 0], depth[0, 1] = 0.0, 7.25
     write_frame(str(tmp_path), "train", "0", rgb, depth)
     for cache in (False, True):
         ds = DepthDataset(str(tmp_path), split="train", cache=cache)
@@ -74,6 +74,10 @@ def test_clipping_and_types(tmp_path, tiny_frames):
         assert rgb_t.dtype == depth_t.dtype == torch.float32 and depth_t.shape == (1, 24, 32)
         assert 0 <= rgb_t.min() and rgb_t.max() <= 1
         assert depth_t[0, 0, 0] == 0 and depth_t[0, 0, 1] == 7.25 and depth_t[0, 5, 5] == 20.0
+    depth[0, 0] = -3.0  # not metres: an error naming the file, never clipped to 0 silently
+    write_frame(str(tmp_path), "train", "0", rgb, depth)
+    with pytest.raises(UserError, match="0.npy: depth has 1 negative value"):
+        DepthDataset(str(tmp_path), split="train", cache=True)
 
 
 def test_cache_equals_uncached_and_stacks(tmp_path, tiny_frames):
