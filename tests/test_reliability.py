@@ -185,7 +185,7 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_equa
     for i, trigger in enumerate(plan + ["none"]):
         cmd = [sys.executable, MAIN, "--resume", last] if os.path.exists(last) else fresh
         r = kill_cycle(cmd, run_dir, trigger, str(tmp_path / f"log{i}.txt"), rng, reference["epoch_s"])
-        done = load_checkpoint(last)["epoch_done"] if os.path.exists(last) else None
+        done = load_checkpoint(last)["epoch"] if os.path.exists(last) else None
         print(f"cycle {i:2d} {trigger:15s} {'killed' if r['killed'] else 'exited'}; temps {r.get('temps')}; "
               f"last.pth: {done} epochs")
         if not r["killed"]:
