@@ -499,6 +499,12 @@ def training_state(run):
     }
 
 
+def epochs_done(ckpt):
+    """Finished epochs of a checkpoint (those written before 2026-11-25 kept them as epoch_done; their epoch was
+    one more when a run stopped within an epoch)."""
+    return ckpt.get("epoch_done", ckpt.get("epoch"))
+
+
 def restore_training_state(run, ckpt, source):
     """The inverse of `training_state` for what `build_run` did not already take from the checkpoint."""
     try:
@@ -507,7 +513,7 @@ def restore_training_state(run, ckpt, source):
             run.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])
-        run.epoch = ckpt.get("epoch_done", ckpt["epoch"])  # checkpoints before 2026-11-25 counted it as epoch_done
+        run.epoch = epochs_done(ckpt)
         run.step, run.best, run.history = ckpt["step"], ckpt["best"], ckpt["history"]
         run.in_epoch, run.train_seconds = ckpt.get("in_epoch"), float(ckpt.get("train_seconds", 0.0))
         torch.set_rng_state(ckpt["rng"]["torch"])
@@ -577,7 +583,7 @@ def repair_run_dir(run, env):
     if not run.in_epoch and run.best["epoch"] == run.epoch:  # only a resumed run has a best epoch here
         try:
             best = load_checkpoint(os.path.join(run.dir, "best.pth"))
-            stale = best.get("epoch_done", best.get("epoch")) != run.epoch
+            stale = epochs_done(best) != run.epoch
         except UserError:
             stale = True
         if stale:
