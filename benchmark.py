@@ -42,16 +42,15 @@ from utils import (UserError, atomic_write, cpu_model_name, fast_path, non_negat
 
 
 def get_parser():
-    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
-    a("--model", default=train_lib.MODEL)
+    a("--model", default=train_lib.MODEL, help="model variant (main.py --list-models)")
     a("--data_dir", default=None, help="dataset root (default: synthetic scenes made in a temporary folder)")
     a("--n_train", type=positive_int, default=96, help="synthetic train frames (without --data_dir)")
     a("--n_val", type=positive_int, default=32, help="synthetic val frames (without --data_dir)")
-    a("--batch_size", type=positive_int, default=train_lib.BATCH_SIZE)
+    a("--batch_size", type=positive_int, default=train_lib.BATCH_SIZE, help="training and inference batch")
     a("--steps", type=positive_int, default=30, help="steps per timed repeat")
-    a("--repeats", type=positive_int, default=3)
+    a("--repeats", type=positive_int, default=3, help="timed repeats per path (median reported)")
     a("--warmup", type=non_negative_int, default=3, help="untimed steps before the repeats")
     a("--template_workers", type=non_negative_int, default=4,
       help="DataLoader workers of the template-style loops (the template's 4)")
@@ -61,7 +60,7 @@ def get_parser():
     a("--compile", action="store_true",
       help="torch.compile our path's model (as main.py --compile; raise --warmup to keep compiling out of the timing)")
     a("--profile", action="store_true", help="print the top ops by self time of one training step of our path")
-    a("--device", default=None)
+    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one)")
     a("--json", default=None, help="write every figure here")
     return p
 
@@ -288,7 +287,7 @@ def run(args):
     # the same model (same initial weights), optimizer, scheduler and loss for both paths, made by main.py's functions
     margs = train_lib.get_parser().parse_args(["--model", args.model, "--batch_size", str(args.batch_size)])
     margs.max_epochs = 1
-    loss_fn = build_loss(margs.loss)
+    loss_fn = build_loss(margs.loss, margs.head == "clip")
     augment = ds_lib.parse_augment(margs.augment)
     augment = augment and dict(augment, generator=torch.Generator().manual_seed(0))
     total_steps = n_batches + 1  # + the step the FLOPs are counted on

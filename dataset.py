@@ -3,6 +3,7 @@
 Layouts accepted for `DepthDataset(data_dir, split)` / `find_pairs(data_dir, split)`:
   DATA/rgb/<split>/<frame>.jpeg + DATA/depth/<split>/<frame>.npy   (the dataset root)
   SPLIT/rgb/<frame>.jpeg + SPLIT/depth/<frame>.npy                 (a split folder given directly)
+  DATA/<split> (no such folder) or DATA/rgb/<split>                 (read as DATA with that split)
   FOLDER/<frame>.jpeg or FOLDER/rgb/<frame>.jpeg, no depth          (images only, for prediction)
 Images may be .jpeg, .jpg or .png. Frames are paired by name and sorted numerically (9 before 10).
 Items are (rgb, depth): rgb float32 [3,H,W] in [0,1]; depth float32 [1,H,W] metres clipped to
@@ -47,18 +48,30 @@ def _files(folder, exts):
 
 
 def _layout(data_dir, split):
-    """(rgb folder, depth folder or None) for the layouts in the module docstring."""
-    if not os.path.isdir(data_dir):
-        raise UserError(f"{data_dir}: data folder not found")
-    candidates = [(os.path.join(data_dir, "rgb", split), os.path.join(data_dir, "depth", split))] if split else []
-    candidates.append((os.path.join(data_dir, "rgb"), os.path.join(data_dir, "depth")))
+    """(rgb folder, depth folder or None) for the layouts in the module docstring, plus two spellings of a split
+    of a dataset root: ROOT/test (not a folder) for ROOT/rgb/test + ROOT/depth/test, and ROOT/rgb/test itself."""
+    path = os.path.normpath(data_dir)
+    parent, name = os.path.split(path)
+    if not os.path.isdir(path):
+        if _files(os.path.join(parent, "rgb", name), IMAGE_EXTS):  # ROOT/test: the split of ROOT
+            return _layout(parent or ".", name)
+        raise UserError(f"{data_dir}: data folder not found (nor {os.path.join(parent, 'rgb', name)}/)")
+    if os.path.basename(parent) == "rgb" and os.path.isdir(os.path.join(os.path.dirname(parent), "depth", name)):
+        return path, os.path.join(os.path.dirname(parent), "depth", name)  # ROOT/rgb/test: pair with ROOT/depth/test
+    candidates = [(os.path.join(path, "rgb", split), os.path.join(path, "depth", split))] if split else []
+    candidates.append((os.path.join(path, "rgb"), os.path.join(path, "depth")))
     for rgb_dir, depth_dir in candidates:
         if _files(rgb_dir, IMAGE_EXTS):
             return rgb_dir, (depth_dir if os.path.isdir(depth_dir) else None)
-    if _files(data_dir, IMAGE_EXTS):
-        return data_dir, None
+    if _files(path, IMAGE_EXTS):
+        return path, None
     where = f"rgb/{split}/, " if split else ""
-    raise UserError(f"{data_dir}: no images found (looked for .jpeg/.jpg/.png in {where}rgb/ and the folder itself)")
+    rgb_root = os.path.join(path, "rgb")
+    splits = sorted(d for d in os.listdir(rgb_root) if os.path.isdir(os.path.join(rgb_root, d))) \
+        if os.path.isdir(rgb_root) else []
+    hint = f"; splits here: {', '.join(splits)} (pick one with --split)" if splits else ""
+    raise UserError(f"{data_dir}: no images found (looked for .jpeg/.jpg/.png in {where}rgb/ and the folder "
+                    f"itself){hint}")
 
 
 def find_pairs(data_dir, split=None):

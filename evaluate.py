@@ -27,13 +27,12 @@ import sys
 
 import numpy as np
 import torch
-from matplotlib import colormaps
 from PIL import Image
 from tqdm import tqdm
 
 from dataset import DepthDataset
-from model import TRAIN_HW, find_state_dict, load_checkpoint, model_from_checkpoint, predict_depth
-from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, fast_path, metric_sums,
+from model import HEADS, TRAIN_HW, find_state_dict, load_checkpoint, model_from_checkpoint, predict_depth
+from utils import (METRIC_NAMES, UserError, add_sums, atomic_write, depth_colors, fast_path, metric_sums,
                    one_line_errors, pick_device, positive_int, summarize, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
@@ -42,16 +41,17 @@ MAX_BATCH_PIXELS = 2 ** 24  # a batch of large images is cut short (about 200 MB
 
 
 def get_parser():
-    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
-    a("--data", required=True, help="dataset root, split folder, or folder of images")
+    a("--data", required=True, help="dataset root (with --split), ROOT/test or ROOT/rgb/test for that split, a split "
+                                    "folder (rgb/ + depth/), or a folder of images (predictions only)")
     a("--ckpt", required=True, help="checkpoint from main.py (or a bare state dict with --model)")
     a("--split", default="test", help="split to use when --data is a dataset root")
     a("--model", default=None, help="model name for a bare state dict (python main.py --list-models)")
     a("--encoder", default=None, help="encoder name for a bare state dict")
-    a("--head", default="clip", choices=["clip", "sigmoid"], help="head for a bare state dict")
-    a("--batch_size", type=positive_int, default=BATCH_SIZE)
+    a("--head", default="clip", choices=HEADS, help="head for a bare state dict")
+    a("--batch_size", type=positive_int, default=BATCH_SIZE, help="frames per batch (metrics do not depend on it "
+                                                                 "except with --protocol course)")
     a("--protocol", default="split", choices=["split", "course"],
       help="split: over all pixels of the split (batch-size independent); "
       "course: mean over batches of per-batch RMSE/SSIM")
@@ -63,8 +63,9 @@ def get_parser():
       help="skip unreadable or inconsistent files and list them, instead of stopping")
     a("--allow_unusual_depth", action="store_true",
       help="score depth maps whose median is beyond 100 (not metres: millimetres?) clipped to [0, 20] anyway")
-    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"])
-    a("--device", default=None)
+    a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
+      help="autocast dtype; auto: bf16 on GPUs and on CPUs with bf16 instructions")
+    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one)")
     return p
 
 
@@ -163,7 +164,7 @@ def save_prediction(save_dir, name, pred_m):
     # NaN (NaN weights): 0, no data
     mm = Image.fromarray(np.round(np.nan_to_num(pred, nan=0.0) * 1000).astype(np.uint16))
     atomic_write(os.path.join(save_dir, files["png"]), lambda f: mm.save(f, format="PNG"))
-    color = Image.fromarray((colormaps["magma_r"](pred / MAX_DEPTH)[..., :3] * 255).astype(np.uint8))
+    color = Image.fromarray(depth_colors(pred))
     atomic_write(os.path.join(save_dir, files["color"]), lambda f: color.save(f, format="PNG"))
 
 

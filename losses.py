@@ -3,19 +3,18 @@
 Terms: mse, rmse, l1, berhu, silog, ssim (1 - SSIM), edge (L1 of x and y gradient differences).
 `build_loss(spec)` parses the spec once and returns `loss_fn(pred_m, depth_m) -> (total, parts)`.
 
-Every term sees the prediction through `clip_aware`: where the ground truth sits at the 20 m clip
-(sky and everything far), a prediction above 20 m counts as exactly right. This lets a model with
-an unbounded head predict the clip exactly (its output is clamped to [0, 20] at inference), which
-is what the course SSIM (C2 = 0.03^2 in metres) rewards on the ~30-50% of pixels at the clip.
+With the default `clip` head every term sees the prediction through `clip_aware`: where the ground
+truth sits at the 20 m clip (sky and everything far), a prediction above 20 m counts as exactly right.
+This lets a model with an unbounded head predict the clip exactly (its output is clamped to [0, 20] at
+inference), which is what the course SSIM (C2 = 0.03^2 in metres) rewards on the ~30-50% of pixels at
+the clip. main.py turns it off for the other heads (`build_loss(spec, clip_aware_terms=False)`).
 """
 import re
 
 import torch
 import torch.nn.functional as F
 
-from utils import MAX_DEPTH, ssim
-
-LOG_FLOOR = 1e-3  # metres; predictions are floored here inside log terms
+from utils import MAX_DEPTH, silog, ssim
 
 
 def clip_aware(pred_m, depth_m):
@@ -43,10 +42,9 @@ def berhu_loss(pred, gt):
     return torch.where(err <= c, err, (err ** 2 + c ** 2) / (2 * c)).mean()
 
 
-def silog_loss(pred, gt, lam=0.85):
-    """Scale-invariant log loss: sqrt(mean(d^2) - lam * mean(d)^2), d = log(pred) - log(gt)."""
-    d = torch.log(pred.clamp_min(LOG_FLOOR)) - torch.log(gt.clamp_min(LOG_FLOOR))
-    return torch.sqrt((d ** 2).mean() - lam * d.mean() ** 2 + 1e-12)
+def silog_loss(pred, gt):
+    """Scale-invariant log loss over the batch (utils.silog with lam 0.85, as in Eigen et al.)."""
+    return silog(pred, gt, lam=0.85, eps=1e-12)
 
 
 def ssim_loss(pred, gt):
@@ -85,12 +83,13 @@ def parse_loss_spec(spec):
     return terms
 
 
-def build_loss(spec):
-    """Parse a spec once; return loss_fn(pred_m, depth_m) -> (total loss tensor, {term: float tensor})."""
+def build_loss(spec, clip_aware_terms=True):
+    """Parse a spec once; return loss_fn(pred_m, depth_m) -> (total loss tensor, {term: float tensor}).
+    clip_aware_terms=False: the terms as written (the reports' losses), without `clip_aware`."""
     terms = parse_loss_spec(spec)
 
     def loss_fn(pred_m, depth_m):
-        pred_m = clip_aware(pred_m.float(), depth_m.float())
+        pred_m = clip_aware(pred_m.float(), depth_m.float()) if clip_aware_terms else pred_m.float()
         depth_m = depth_m.float()
         parts = {name: TERMS[name](pred_m, depth_m) for _, name in terms}
         total = sum(w * parts[name] for w, name in terms)

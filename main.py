@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -38,7 +39,7 @@ import dataset as ds_lib
 import synthetic
 from evaluate import evaluate_batches, frame_batches
 from losses import build_loss
-from model import (build_model, export_checkpoint, fit_input, freeze_encoder, list_models, load_checkpoint,
+from model import (HEADS, build_model, export_checkpoint, fit_input, freeze_encoder, list_models, load_checkpoint,
                    model_from_checkpoint, param_groups, predict_depth, save_checkpoint)
 from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
                    non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
@@ -50,7 +51,7 @@ DATA_DIR = "./DepthEstimationUnreal"
 MODEL = "effnet_unet"          # python main.py --list-models
 ENCODER = None                 # timm encoder name; None: the model's own default
 PRETRAINED = True              # ImageNet encoder weights (effnet_unet's ship offline in a pip package)
-HEAD = "clip"                  # unbounded output, clamped to [0, 20] at inference; or "sigmoid"
+HEAD = "clip"                  # unbounded output, clamped to [0, 20] at inference; or sigmoid, linear
 LOSS = "mse+0.15*ssim+0.05*edge"
 OPTIMIZER = "adamw"
 LR = 1e-3                      # decoder (and every parameter when --encoder_lr is not set)
@@ -84,12 +85,26 @@ ONE_CYCLE = dict(pct_start=0.3, div_factor=25.0, final_div_factor=1e4)  # torch'
 CYCLIC = dict(max_factor=5, up_steps=1000, down_steps=2000)  # the ResNet-34 report: lr up to 5x, 1000 up, 2000 down
 SEED_ORDER, SEED_TORCH, SEED_AUG = 100003, 1000, (7919, 101)  # epoch seeds: sample order, torch RNG, augmentation
 
+REPORT_WAY = dict(head="linear", ema=0.0, train_eval_frames=0, augment="none")  # plain 1x1-conv output, plain loss
 RECIPES = {  # the two reports' configurations, as the reports give them
     "convnext_report": dict(model="convnext_unet", encoder="convnext_base", loss="mse+0.15*ssim+0.05*edge",
                             optimizer="adamw", encoder_lr=1e-4, lr=1e-3, weight_decay=1e-2, scheduler="onecycle",
-                            batch_size=64, max_epochs=80, augment="none"),
+                            batch_size=64, max_epochs=80, **REPORT_WAY),
     "resnet34_report": dict(model="resnet34", loss="rmse+ssim", optimizer="adam", lr=1e-3, encoder_lr=None,
-                            weight_decay=1e-5, scheduler="cyclic", batch_size=32, max_epochs=100, augment="none"),
+                            weight_decay=1e-5, scheduler="cyclic", batch_size=32, max_epochs=100, visualize_every=100,
+                            **REPORT_WAY),
+}
+RECIPE_GAPS = {  # what a recipe cannot reproduce as the report did it; printed with the recipe
+    "convnext_report": ["the report never names the ConvNeXt size: convnext_base is our choice (--encoder to change)",
+                        "AdamW's weight decay and OneCycle's settings are not in the report: torch's defaults "
+                        "(0.01; pct_start 0.3, cosine)"],
+    "resnet34_report": ["the report trains and scores at 224x224; here the 224x224 prediction is resized back and "
+                        "scored at the frames' 144x256",
+                        "the report freezes 'the first layers' without naming them: the stem (conv1, bn1) here"],
+    "both": ["ImageNet encoder weights come from timm's download (or --encoder-weights PATH); offline, "
+             "--no-pretrained trains from scratch, which the reports did not",
+             "the reports trained on a GPU (the ConvNeXt one names an NVIDIA L4); on a CPU their epochs take days",
+             "evaluation clamps every prediction to [0, 20] m, the ground truth's range, as for every model"],
 }
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
 RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch", "step", "best", "history", "rng")
@@ -97,8 +112,7 @@ RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folde
 
 
 def get_parser():
-    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                                formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
     a("--data_dir", default=None, help=f"dataset root (default {DATA_DIR}; synthetic scenes when that is missing)")
     a("--model", default=MODEL, help="model variant (--list-models)")
@@ -106,12 +120,12 @@ def get_parser():
     a("--pretrained", action=argparse.BooleanOptionalAction, default=PRETRAINED,
       help="ImageNet encoder weights (--no-pretrained: from scratch)")
     a("--encoder-weights", "--encoder_weights", dest="encoder_weights", default=None, help="local encoder state dict")
-    a("--head", default=HEAD, choices=["clip", "sigmoid"], help="output layer")
+    a("--head", default=HEAD, choices=HEADS, help="output layer (model.py); the loss is clip-aware with clip only")
     a("--loss", default=LOSS, help="loss spec: WEIGHT*TERM joined by '+' (losses.py)")
     a("--optimizer", default=OPTIMIZER, choices=["adam", "adamw"], help="optimizer")
     a("--lr", type=positive_float, default=LR, help="decoder learning rate (peak, for onecycle)")
     a("--encoder_lr", type=non_negative_float, default=ENCODER_LR,
-      help="encoder learning rate (a recipe may set it to --lr's)")
+      help="encoder learning rate (resnet34_report trains the whole model at --lr)")
     a("--weight_decay", type=non_negative_float, default=WEIGHT_DECAY, help="weight decay")
     a("--scheduler", default=SCHEDULER, choices=["onecycle", "cyclic", "cosine", "none"], help="per-step LR schedule")
     a("--batch_size", type=positive_int, default=BATCH_SIZE, help="training batch (per process)")
@@ -188,6 +202,8 @@ def parse_args(argv):
         explicit = sorted(k for k in recipe if getattr(args, k) != recipe[k])
         kept = ", ".join(f"{k}={v}" for k, v in recipe.items() if k not in explicit)
         print(f"recipe {pre.recipe}: {kept}" + (f" (overridden by flags: {', '.join(explicit)})" if explicit else ""))
+        print("not as in the report:\n" + "\n".join(f"  - {gap}" for gap in
+                                                      RECIPE_GAPS[pre.recipe] + RECIPE_GAPS["both"]))
     return args, ckpt
 
 
@@ -448,8 +464,8 @@ def build_run(args, env, data, ckpt):
         base_lrs=[g["lr"] for g in optimizer.param_groups],
         scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),
-        loss_fn=build_loss(args.loss), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None, train_seconds=0.0,
-        best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,
+        loss_fn=build_loss(args.loss, args.head == "clip"), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None,
+        train_seconds=0.0, best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,
         train_hw=list(data.train_hw))
     if ckpt is not None:
         restore_training_state(run, ckpt, args.resume)
@@ -510,7 +526,13 @@ def restore_training_state(run, ckpt, source):
     try:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         if run.scheduler is not None and ckpt.get("scheduler") is not None:
+            length = lambda sched: getattr(sched, "total_steps", getattr(sched, "T_max", None))
+            planned = length(run.scheduler)
             run.scheduler.load_state_dict(ckpt["scheduler"])
+            if length(run.scheduler) != planned:
+                raise UserError(f"{source}: its {run.args.scheduler} schedule was laid out over "
+                                f"{length(run.scheduler)} steps, and --max_epochs {run.max_epochs} asks for {planned}; "
+                                f"a resumed run keeps its length (train longer in a new run)")
         if ckpt.get("scaler"):
             run.scaler.load_state_dict(ckpt["scaler"])
         run.epoch = epochs_done(ckpt)
@@ -802,8 +824,12 @@ def train(args, ckpt=None):
     if env.main and args.folds:
         write_fold_result(run, data, env)
     if env.main and run.best["epoch"] is not None:
+        best_pth = os.path.join(run.dir, "best.pth")
         env.log(f"done: best val RMSE {run.best['val_rmse']:.4f} SSIM {run.best['val_ssim']:.4f} at epoch "
-                f"{run.best['epoch']} -> {run.dir}/best.pth")
+                f"{run.best['epoch']}\nbest checkpoint: {best_pth}")
+        if not args.folds:
+            env.log(f"evaluate it: python evaluate.py --data {shlex.quote(data.dir)} --split val "
+                    f"--ckpt {shlex.quote(best_pth)}")
     return 0
 
 

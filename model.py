@@ -16,7 +16,8 @@ evaluate.py and benchmark.py.
 
 Heads: "clip" (default) is an unbounded linear output, returned raw in training (the clip-aware
 losses count >20 m as right where the truth is at the 20 m clip) and clamped to [0, 20] in eval;
-"sigmoid" is 20 * sigmoid(x) always.
+"sigmoid" is 20 * sigmoid(x) always; "linear" is the reports' output layer: the last 1x1 convolution as it is,
+with PyTorch's default initialisation, trained with plain losses (`predict_depth` still clamps to [0, 20]).
 
     python model.py --check-imagenet cat.jpg   # verifies the offline EfficientNet-Lite weights
 """
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from utils import MAX_DEPTH, UserError, atomic_write, autocast, first_line, refuse_special_file
 
-HEADS = ("clip", "sigmoid")
+HEADS = ("clip", "sigmoid", "linear")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EFFNET_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 STEM_NAMES = ("conv_stem", "bn1", "conv1", "stem", "stem_0", "stem_1")  # encoder stems (timm names), for freezing
@@ -81,7 +82,7 @@ class DepthModel(nn.Module):
             out = F.interpolate(out, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
         if self.head == "sigmoid":
             return MAX_DEPTH * torch.sigmoid(out)
-        return out if self.training else out.clamp(0.0, MAX_DEPTH)
+        return out if self.training or self.head == "linear" else out.clamp(0.0, MAX_DEPTH)
 
 
 def freeze(model, names):
@@ -424,7 +425,8 @@ def build_model(name, pretrained=False, encoder=None, encoder_weights=None, head
         load_encoder_state(model.encoder, read_state_dict(os.fspath(encoder_weights)), os.fspath(encoder_weights),
                            options["encoder"])
     model.head = head
-    nn.init.constant_(model.decoder.out.bias, MAX_DEPTH / 2 if head == "clip" else 0.0)  # start at ~10 m
+    if head != "linear":  # the reports' layer keeps PyTorch's initialisation
+        nn.init.constant_(model.decoder.out.bias, MAX_DEPTH / 2 if head == "clip" else 0.0)  # start at ~10 m
     model.config = {"name": name, "encoder": options.pop("encoder"), "head": head, **options}
     return model
 

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 MAX_DEPTH = 20.0  # metres; every depth map is clipped to [0, MAX_DEPTH]
 EPS_DEPTH = 1e-3  # metres; floor for the log and relative metrics
+DEPTH_CMAP = "magma"  # depth colours as in the reports: near dark (black, purple), far light (orange, yellow)
+ERROR_CMAP = "viridis"  # the |error| panel, unlike any depth colour
 
 
 class UserError(Exception):
@@ -70,10 +72,21 @@ def ssim(pred, gt):
     return ssim_map(pred, gt).mean()
 
 
+def silog(pred_m, depth_m, lam=1.0, per_image=False, eps=0.0):
+    """Scale-invariant log error sqrt(mean(d^2) - lam * mean(d)^2), d = ln p - ln g, both floored at EPS_DEPTH.
+    lam=1: the log error's standard deviation (the metric, per image); the loss uses lam=0.85 over the batch.
+    per_image: one value per image, shape [B]; eps keeps the gradient finite where the variance is 0."""
+    d = torch.log(pred_m.clamp_min(EPS_DEPTH)) - torch.log(depth_m.clamp_min(EPS_DEPTH))
+    d = d.flatten(1) if per_image else d.flatten()
+    variance = (d ** 2).mean(-1) - lam * d.mean(-1) ** 2
+    return torch.sqrt(variance.clamp_min(0.0) + eps)
+
+
 # ----------------------------------------------------------------------------------------------
 # Metrics: per-image sums that add up over a split, so nothing depends on the batch size
 
-METRIC_NAMES = ["rmse", "ssim", "mae", "abs_rel", "sq_rel", "rmse_log", "log10", "delta1", "delta2", "delta3"]
+METRIC_NAMES = ["rmse", "ssim", "mae", "abs_rel", "sq_rel", "rmse_log", "log10", "silog", "delta1", "delta2",
+                "delta3"]
 
 
 def metric_sums(pred_m, depth_m):
@@ -98,6 +111,7 @@ def metric_sums(pred_m, depth_m):
         "sq_rel": per_image(err ** 2 / gf),
         "sq_log": per_image((pf.log() - gf.log()) ** 2),
         "log10": per_image((pf.log10() - gf.log10()).abs()),
+        "silog": 100.0 * silog(p, g, per_image=True) * p[0].numel(),  # a per-image value, weighted by its pixels
         "delta1": per_image((ratio < 1.25).double()),
         "delta2": per_image((ratio < 1.25 ** 2).double()),
         "delta3": per_image((ratio < 1.25 ** 3).double()),
@@ -125,6 +139,7 @@ def summarize(total):
         "sq_rel": total["sq_rel"] / n,
         "rmse_log": math.sqrt(total["sq_log"] / n),
         "log10": total["log10"] / n,
+        "silog": total["silog"] / n,
         "delta1": total["delta1"] / n,
         "delta2": total["delta2"] / n,
         "delta3": total["delta3"] / n,
@@ -143,8 +158,15 @@ def _to_numpy_image(x):
     return x
 
 
+def depth_colors(depth_m):
+    """HxW metres -> HxWx3 uint8 in DEPTH_CMAP on the 0-20 m scale (near dark, far light); NaN is black."""
+    from matplotlib import colormaps
+    scaled = np.nan_to_num(np.asarray(depth_m, dtype=np.float64) / MAX_DEPTH, nan=0.0)
+    return (colormaps[DEPTH_CMAP](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
 def visualize_img(rgb, depth, pred, path, title=None):
-    """Save a PNG: input | ground truth | prediction | absolute error (depth on one 0-20 m scale).
+    """Save a PNG: input | ground truth | prediction | absolute error (depth on one 0-20 m scale, DEPTH_CMAP).
 
     rgb: [3,H,W] in [0,1] (or HxWx3); depth, pred: [1,H,W] or HxW metres (pred may be None).
     Never opens a window or blocks: the figure is drawn with the Agg canvas and written atomically.
@@ -168,7 +190,7 @@ def visualize_img(rgb, depth, pred, path, title=None):
         if kind is None:
             ax.imshow(img)
         else:
-            cmap, vmax = ("magma_r", MAX_DEPTH) if kind == "depth" else ("inferno", 10.0)
+            cmap, vmax = (DEPTH_CMAP, MAX_DEPTH) if kind == "depth" else (ERROR_CMAP, 10.0)
             im = ax.imshow(img, cmap=cmap, vmin=0.0, vmax=vmax)
             fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
         ax.set_title(name, fontsize=9)
@@ -257,9 +279,20 @@ positive_float = flag_range(float, 0, above=True)
 non_negative_float = flag_range(float, 0)
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, except None (its help says what unset means) and a default already
+    written into the help."""
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "") or action.help == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def one_line_errors(parser):
-    """The parser, set to report a bad command line as one line, `error: ...` (no usage block), exit status 2."""
+    """The parser, set to report a bad command line as one line, `error: ...` (no usage block), exit status 2,
+    and to show each flag's default in --help."""
     parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists the flags)\n")
+    parser.formatter_class = DefaultsHelp
     return parser
 
 

@@ -88,6 +88,39 @@ def test_resume_equals_uninterrupted(synthetic_root, tmp_path):
     assert all(torch.allclose(ra[k].float(), rb[k].float(), atol=1e-6) for k in ra)
 
 
+def test_resume_keeps_the_schedule_length(two_epoch_run, capsys):
+    """A finished run resumed as it was is done at once; asking it for more epochs of its onecycle schedule (laid out
+    over its own steps) is one line, not torch's 'Tried to step' traceback."""
+    last = os.path.join(two_epoch_run, "last.pth")
+    before = open(last, "rb").read()
+    assert main_mod.main(["--resume", last]) == 0
+    assert main_mod.main(["--resume", last, "--max_epochs", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "laid out over 12 steps" in err and "asks for 18" in err
+    assert open(last, "rb").read() == before
+
+
+def test_recipes_are_the_reports_way_and_say_what_differs(capsys):
+    """--recipe: the report's plain 1x1-conv output and loss (no clip-aware terms), no EMA, train metrics on all
+    frames; the printout lists what it cannot reproduce."""
+    import losses
+    for name in ("convnext_report", "resnet34_report"):
+        args = main_mod.parse_args(["--recipe", name])[0]
+        assert (args.head, args.ema, args.train_eval_frames, args.augment) == ("linear", 0.0, 0, "none")
+        out = capsys.readouterr().out
+        assert "not as in the report:" in out and "GPU" in out
+    pred, gt = torch.full((1, 1, 4, 4), 25.0), torch.full((1, 1, 4, 4), 20.0)
+    assert losses.build_loss("mse", clip_aware_terms=False)(pred, gt)[0].item() == pytest.approx(25.0)
+    assert losses.build_loss("mse")(pred, gt)[0].item() == 0.0  # the clip head's loss: >20 m is right at the clip
+    net = model_lib.build_model("effnet_unet", head="linear").eval()
+    # PyTorch's init (bias within 1/sqrt(fan_in)), not the clip head's 10 m start
+    assert abs(net.decoder.out.bias.item()) <= 1 / net.decoder.out.in_channels ** 0.5
+    with torch.no_grad():
+        net.decoder.out.bias.fill_(30.0)
+        assert net(torch.rand(1, 3, 64, 64)).min().item() > 20.0  # the linear head is not clamped...
+        assert model_lib.predict_depth(net, torch.rand(1, 3, 64, 64)).max().item() == 20.0  # ...the harness is
+
+
 def test_ema_update_is_the_running_average():
     net, ema = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
     with torch.no_grad():

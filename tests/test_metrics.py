@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import add_sums, metric_sums, ssim, ssim_map, summarize
+from utils import add_sums, depth_colors, metric_sums, ssim, ssim_map, summarize
 
 C1, C2 = 0.01 ** 2, 0.03 ** 2
 
@@ -102,3 +102,22 @@ def test_metrics_do_not_depend_on_batch_size():
     all_px = math.sqrt(((pred.double() - gt.double()) ** 2).mean().item())
     assert results[0]["rmse"] == pytest.approx(all_px, abs=1e-12)
     assert results[0]["ssim"] == pytest.approx(ssim(pred.double(), gt.double()).item(), abs=1e-12)
+
+
+def test_silog_hand_computed_per_image_then_mean():
+    # image 1: d = ln(p/g) = [ln 2, ln 2, 0, 0] -> sqrt(mean d^2 - mean(d)^2) = ln2 * sqrt(1/2 - 1/4) = ln2 / 2
+    # image 2: p = 3 g everywhere, a pure scale: d constant -> 0 (scale invariant)
+    gt = torch.tensor([[1.0, 2.0], [4.0, 5.0]]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    pred = torch.stack([gt[0] * torch.tensor([[2.0, 2.0], [1.0, 1.0]]), gt[1] * 3.0])
+    m = summarize(add_sums({}, metric_sums(pred, gt)))
+    assert m["silog"] == pytest.approx(100 * (math.log(2) / 2 + 0.0) / 2, abs=1e-9)
+    one = summarize(add_sums({}, metric_sums(pred[:1], gt[:1])))
+    assert one["silog"] == pytest.approx(100 * math.log(2) / 2, abs=1e-9)
+
+
+def test_depth_colours_near_dark_far_light():
+    """The reports' convention: near dark, far light; luminance rises with depth over the whole 0-20 m scale."""
+    rgb = depth_colors(np.linspace(0.0, 20.0, 41)[None, :]).astype(np.float64)[0]
+    luminance = rgb @ np.array([0.2126, 0.7152, 0.0722])
+    assert np.all(np.diff(luminance) > 0)
+    assert luminance[0] < 10 and luminance[-1] > 200
