@@ -57,8 +57,9 @@ def get_parser():
     a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
       help="our path's autocast (auto: utils.fast_path)")
     a("--channels_last", default="auto", choices=["auto", "on", "off"], help="our path's memory format")
-    a("--compile", action="store_true",
-      help="torch.compile our path's model (as main.py --compile; raise --warmup to keep compiling out of the timing)")
+    a("--compile", default="none", choices=["none", "train", "eval", "both"],
+      help="torch.compile our path's model for training (main.py --compile), inference (evaluate.py --compile) or "
+           "both; compiling happens in the warm-up steps, whose time is printed")
     a("--profile", action="store_true", help="print the top ops by self time of one training step of our path")
     a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one)")
     a("--json", default=None, help="write every figure here")
@@ -105,10 +106,14 @@ def time_paths(kind, fns, streams, args, device):
         if path == "template" and args.template_workers:
             time.sleep(1.0)
 
+    warmup_s = {}
     for path, fn in fns.items():
+        t0 = time.perf_counter()
         for _ in range(args.warmup):
             fn(*next(streams[path]))
         sync(device)
+        warmup_s[path] = time.perf_counter() - t0
+        print(f"  {kind} {path} warm-up: {args.warmup} steps in {warmup_s[path]:.1f} s (compiling happens here)")
         settle(path)
     rates, peaks = {path: [] for path in fns}, {path: 0.0 for path in fns}
     for r in range(args.repeats):
@@ -125,7 +130,7 @@ def time_paths(kind, fns, streams, args, device):
                   f"(last output {out.float().mean().item():.3f})")
             settle(path)
     return {path: {"images_per_s": statistics.median(v), "min": min(v), "max": max(v), "repeats": v,
-                   "peak_memory_mb": peaks[path]} for path, v in rates.items()}
+                   "peak_memory_mb": peaks[path], "warmup_s": warmup_s[path]} for path, v in rates.items()}
 
 
 def conv_flop_formulas(tally):
@@ -207,24 +212,27 @@ def profile_step(run_one, batch, device, rows=12):
 # ------------------------------------------------------------------------------------------------
 # the two paths
 
-def make_path(margs, loss_fn, device, total_steps, amp_dtype=None, channels_last=False, compile=False, augment=None):
+def make_path(margs, loss_fn, device, total_steps, amp_dtype=None, channels_last=False, compile="none", augment=None):
     """(model, train_one(rgb, depth), predict_one(rgb, depth)) of one path, made as main.py makes them; the defaults
     are the template's: fp32, default memory format, no augmentation. Same seed, so the same initial weights."""
     seed_everything(0)
     net = model_lib.build_model(margs.model, pretrained=False, head=margs.head).to(device).train()
+    if amp_dtype is not None:  # our path, as main.py builds it
+        model_lib.depthwise_fp32_in_training(net)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     optimizer = train_lib.make_optimizer(margs, net)
     scheduler = train_lib.make_scheduler(margs, optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_model = torch.compile(net) if compile else net
+    step_model = model_lib.compiled(net) if compile in ("train", "both") else net
+    eval_model = model_lib.compiled(net) if compile in ("eval", "both") else net
 
     def train_one(rgb, depth_m):
         return train_lib.train_step(step_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler,
                                     amp_dtype, channels_last, augment=augment)
 
     def predict_one(rgb, depth_m):
-        return predict_depth(net, rgb, depth_m.shape[-2:], amp_dtype=amp_dtype, channels_last=channels_last)
+        return predict_depth(eval_model, rgb, depth_m.shape[-2:], amp_dtype=amp_dtype, channels_last=channels_last)
     return net, train_one, predict_one
 
 
@@ -257,7 +265,8 @@ def run(args):
     amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
     print(f"device {device} ({why}); torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} "
           f"CPU cores, load average {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)")
-    print(f"ours: autocast {amp_dtype or 'off'}, channels_last {channels_last}{', compiled' if args.compile else ''}; "
+    compiled = f", torch.compile for {args.compile}" if args.compile != "none" else ""
+    print(f"ours: autocast {amp_dtype or 'off'}, channels_last {channels_last}{compiled}; "
           f"template: fp32, default memory format, {args.template_workers} DataLoader workers")
 
     # data: main.py's cache (uint8, on the GPU under CUDA) for our path, the files themselves for the template's
@@ -329,6 +338,7 @@ def run(args):
             r["mfu"] = r["flops_per_s"] / peaks[r["peak_dtype"]]
         results[kind]["speedup"] = results[kind]["ours"]["images_per_s"] / results[kind]["template"]["images_per_s"]
         results[kind]["depthwise_conv_flop_share"] = flops[kind][1].get("depthwise_conv", 0) / flops[kind][0]
+        results[kind]["dense_conv_flop_share"] = flops[kind][1].get("dense_conv", 0) / flops[kind][0]
 
     memory = "CUDA max_memory_allocated per path" if device.type == "cuda" else \
         "process peak RSS so far (ru_maxrss; the whole process, cached data included)"
@@ -354,9 +364,16 @@ def run(args):
         train_fns[0](*next(batches))
         table, profile = profile_step(train_fns[0], next(batches), device)
         print(f"\none training step of our path, top ops by {profile['sort_by']}:\n{table}")
+        shares = profile["time_share_by_kind"]
         print("time share by kind: " + ", ".join(f"{k} {v:.1%}"
-                                                 for k, v in sorted(profile["time_share_by_kind"].items(),
-                                                                                   key=lambda kv: -kv[1])))
+                                                 for k, v in sorted(shares.items(), key=lambda kv: -kv[1])))
+        bound = 1.0 - shares.get("dense conv", 0.0)
+        print(f"what bounds the step: memory bandwidth. Dense convolutions, the only ops that can run near the matmul "
+              f"peak, take {shares.get('dense conv', 0.0):.0%} of the time; the rest ({bound:.0%}: depthwise convs, "
+              f"batch norm, casts, upsampling, elementwise) moves memory for "
+              f"{1 - results['train']['dense_conv_flop_share']:.0%} of the FLOPs. The step runs at "
+              f"{results['train']['ours']['mfu']:.1%} of this CPU's {results['train']['ours']['peak_dtype']} matmul "
+              f"peak.")
 
     result = {
         "machine": {"cpu": cpu_model_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -39,8 +39,9 @@ import dataset as ds_lib
 import synthetic
 from evaluate import evaluate_batches, frame_batches
 from losses import build_loss
-from model import (HEADS, build_model, export_checkpoint, fit_input, freeze_encoder, list_models, load_checkpoint,
-                   model_from_checkpoint, param_groups, predict_depth, save_checkpoint)
+from model import (HEADS, build_model, compiled, depthwise_fp32_in_training, export_checkpoint, fit_input,
+                   freeze_encoder, list_models, load_checkpoint, model_from_checkpoint, param_groups, predict_depth,
+                   save_checkpoint)
 from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
                    non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
                    remove_stale_temps, seed_everything, summarize, visualize_img)
@@ -157,7 +158,8 @@ def get_parser():
     a("--cache", default=CACHE, choices=["auto", "on", "off"], help="decode every frame once into RAM")
     a("--amp", default=AMP, choices=["auto", "none", "bf16", "fp16"], help="autocast dtype")
     a("--channels_last", default=CHANNELS_LAST, choices=["auto", "on", "off"], help="memory format")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile the training model (falls back to eager if it "
+                                             "cannot; on the CPUs measured it made training slower: README, Speed)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     a("--recipe", default=None, choices=sorted(RECIPES), help="a report's configuration")
     a("--folds", type=non_negative_int, default=FOLDS,
@@ -449,6 +451,7 @@ def build_run(args, env, data, ckpt):
         net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
                           encoder_weights=args.encoder_weights, head=args.head)
     freeze_encoder(net, args.freeze)
+    depthwise_fp32_in_training(net)  # CPU bf16 only: faster backward
     net.to(env.device)
     if env.channels_last:
         net.to(memory_format=torch.channels_last)
@@ -460,7 +463,7 @@ def build_run(args, env, data, ckpt):
     model = torch.nn.parallel.DistributedDataParallel(net) if env.world > 1 else net
     run = SimpleNamespace(
         args=args, net=net, ema_net=ema_net, eval_net=ema_net if ema_net is not None else net,
-        model=torch.compile(model) if args.compile else model, optimizer=optimizer,
+        model=compiled(model) if args.compile else model, optimizer=optimizer,
         base_lrs=[g["lr"] for g in optimizer.param_groups],
         scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),

@@ -23,6 +23,7 @@ MAX_DEPTH = 20.0  # metres; every depth map is clipped to [0, MAX_DEPTH]
 EPS_DEPTH = 1e-3  # metres; floor for the log and relative metrics
 DEPTH_CMAP = "magma"  # depth colours as in the reports: near dark (black, purple), far light (orange, yellow)
 ERROR_CMAP = "viridis"  # the |error| panel, unlike any depth colour
+BAND_MAX_SIDE = 512  # SSIM blurs images up to this many pixels a side by banded matmuls, larger ones by convolutions
 
 
 class UserError(Exception):
@@ -45,19 +46,33 @@ def gaussian_1d(size=11, sigma=1.5):
     return g / g.sum()
 
 
+def gaussian_band(n, g, device):
+    """[n, n] matrix that blurs a length-n signal with the 1-D window g, zero padding included: M[r, c] = g[c - r + k]
+    for |c - r| <= k (the window is symmetric, so M blurs rows as x @ M and columns as M @ x)."""
+    k = len(g) // 2
+    offset = torch.arange(n, device=device)[None, :] - torch.arange(n, device=device)[:, None]
+    near = offset.abs() <= k
+    return torch.where(near, g[(offset + k).clamp(0, len(g) - 1)], torch.zeros((), dtype=g.dtype, device=device))
+
+
 def ssim_map(pred, gt, size=11, sigma=1.5, c1=0.01 ** 2, c2=0.03 ** 2):
     """Per-pixel SSIM of two [B, C, H, W] maps (metres), same shape as the inputs.
 
-    The 11x11 Gaussian is separable, so the five local means are one grouped 11x1 conv and one 1x11 conv
-    over the stacked maps (exactly the 2-D window with zero padding, 2.6x fewer multiply-adds)."""
+    The 11x11 Gaussian is separable, so the five local means are a blur along H then along W of the stacked maps
+    (exactly the 2-D window with zero padding). Up to BAND_MAX_SIDE pixels a side each blur is one matmul with a
+    banded matrix (4x faster forward+backward than grouped 11x1 / 1x11 convolutions on the CPUs measured); larger
+    images use those convolutions (the band's cost grows with the side)."""
     if pred.shape != gt.shape or pred.dim() != 4:
         raise ValueError(f"ssim needs two [B,C,H,W] tensors of one shape, "
                          f"got {tuple(pred.shape)} and {tuple(gt.shape)}")
-    n_maps = 5 * pred.shape[1]
+    n_maps, (h, w) = 5 * pred.shape[1], pred.shape[-2:]
     g = gaussian_1d(size, sigma).to(device=pred.device, dtype=pred.dtype)
     maps = torch.cat([pred, gt, pred * pred, gt * gt, pred * gt], dim=1)
-    maps = F.conv2d(maps, g.view(1, 1, size, 1).expand(n_maps, 1, size, 1), padding=(size // 2, 0), groups=n_maps)
-    maps = F.conv2d(maps, g.view(1, 1, 1, size).expand(n_maps, 1, 1, size), padding=(0, size // 2), groups=n_maps)
+    if max(h, w) <= BAND_MAX_SIDE:
+        maps = gaussian_band(h, g, pred.device) @ maps @ gaussian_band(w, g, pred.device)
+    else:
+        maps = F.conv2d(maps, g.view(1, 1, size, 1).expand(n_maps, 1, size, 1), padding=(size // 2, 0), groups=n_maps)
+        maps = F.conv2d(maps, g.view(1, 1, 1, size).expand(n_maps, 1, 1, size), padding=(0, size // 2), groups=n_maps)
     mu_p, mu_g, e_pp, e_gg, e_pg = maps.chunk(5, dim=1)
     var_p = e_pp - mu_p ** 2
     var_g = e_gg - mu_g ** 2

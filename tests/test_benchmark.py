@@ -32,3 +32,5 @@ def test_benchmark_writes_every_figure(synthetic_root, tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "train ours" in printed and "eval template" in printed and "mfu" in printed
+    assert "what bounds the step: memory bandwidth" in printed and "warm-up" in printed
+    assert 0 < result["train"]["dense_conv_flop_share"] <= 1 and result["train"]["ours"]["warmup_s"] > 0

@@ -121,3 +121,14 @@ def test_depth_colours_near_dark_far_light():
     luminance = rgb @ np.array([0.2126, 0.7152, 0.0722])
     assert np.all(np.diff(luminance) > 0)
     assert luminance[0] < 10 and luminance[-1] > 200
+
+
+def test_ssim_band_matmul_equals_the_separable_convolutions(monkeypatch):
+    """The two ways ssim_map blurs (banded matmuls up to BAND_MAX_SIDE a side, grouped convolutions beyond) agree."""
+    import utils
+    g = torch.Generator().manual_seed(1)
+    gt = torch.rand(3, 1, 37, 53, generator=g, dtype=torch.float64) * 20
+    pred = gt + torch.randn(3, 1, 37, 53, generator=g, dtype=torch.float64)
+    band = ssim_map(pred, gt)
+    monkeypatch.setattr(utils, "BAND_MAX_SIDE", 0)
+    np.testing.assert_allclose(ssim_map(pred, gt).numpy(), band.numpy(), atol=1e-12)

@@ -205,3 +205,37 @@ def test_efficientnet_lite0_weights_see_a_cat(tmp_path):
     Image.fromarray(skimage_data.chelsea()).save(tmp_path / "chelsea.png")
     top = model_lib.check_imagenet(tmp_path / "chelsea.png")
     assert 281 <= top[0][0] <= 285  # ImageNet's domestic cats
+
+
+def test_depthwise_convs_run_fp32_in_cpu_bf16_training_only():
+    """depthwise_fp32_in_training: under CPU bf16 autocast a training forward gives fp32 depthwise outputs (their
+    backward is the slow bf16 kernel), eval keeps bf16; weights, names and eager fp32 outputs are untouched."""
+    import copy
+    net = model_lib.build_model("effnet_unet").eval()
+    ref = copy.deepcopy(net)
+    model_lib.depthwise_fp32_in_training(net)
+    assert list(net.state_dict()) == list(ref.state_dict())
+    depthwise = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups == m.in_channels]
+    assert len(depthwise) == 16
+    dtypes = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype)) for m in depthwise]
+    x = torch.rand(2, 3, 64, 96)
+    assert torch.equal(net(x), ref(x))  # no autocast: as before
+    dtypes.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        net.eval()(x)
+        assert set(dtypes) == {torch.bfloat16}
+        dtypes.clear()
+        net.train()(x).float().mean().backward()
+        assert set(dtypes) == {torch.float32}
+    for h in hooks:
+        h.remove()
+    assert all(p.grad is not None for m in depthwise for p in m.parameters())
+
+
+def test_compiled_falls_back_to_eager_when_compiling_fails():
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.equal(model_lib.compiled(net, backend=broken_backend)(x), net(x))
