@@ -67,8 +67,8 @@ def get_parser():
       help="autocast dtype; auto: bf16 on GPUs and on CPUs with bf16 instructions")
     a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one)")
     a("--compile", action="store_true",
-      help="torch.compile the model first (falls back to eager if it cannot): 1.9x faster CPU inference after a "
-           "compile of about 20 s (README, Speed), so worth it for a few thousand frames")
+      help="torch.compile the model (falls back to eager if it cannot): up to 1.9x faster CPU inference once "
+           "compiled, but compiling takes 20-60 s (README, Speed): for many thousands of frames, not for one split")
     return p
 
 

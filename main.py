@@ -828,6 +828,8 @@ def train(args, ckpt=None):
         write_fold_result(run, data, env)
     if env.main and run.best["epoch"] is not None:
         best_pth = os.path.join(run.dir, "best.pth")
+        if not os.path.relpath(best_pth).startswith(".."):  # a resumed run's folder is absolute: show it as typed
+            best_pth = os.path.relpath(best_pth)
         env.log(f"done: best val RMSE {run.best['val_rmse']:.4f} SSIM {run.best['val_ssim']:.4f} at epoch "
                 f"{run.best['epoch']}\nbest checkpoint: {best_pth}")
         if not args.folds:
