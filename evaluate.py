@@ -84,8 +84,8 @@ def get_parser():
     a("--ply", action="store_true", help="with --save_dir: also a coloured point cloud per frame, <frame>.ply "
       "(binary; camera coordinates x right, y down, z forward, metres; pixels at the 20 m clip left out)")
     a("--fov", type=flag_range(float, 0, 180, above=True, below=True), default=None,
-      help=f"with --ply: the camera's horizontal field of view in degrees (default {UNREAL_FOV_DEG:g}, Unreal's "
-      "default camera); square pixels, principal point at the centre")
+      help=f"with --ply: the camera's horizontal field of view in degrees, square pixels, principal point at the "
+      f"centre; unset: {UNREAL_FOV_DEG:g}, Unreal's default camera")
     a("--intrinsics", type=parse_intrinsics, default=None, metavar="FX,FY,CX,CY",
       help="with --ply: the pinhole camera in pixels of the depth map (pixel centres at integers), instead of --fov")
     a("--skip_bad", action="store_true",
