@@ -4,6 +4,7 @@
     python benchmark.py --model effnet_unet --data_dir DepthEstimationUnreal --steps 30
     python benchmark.py --data_dir DepthEstimationUnreal --profile    # + top ops of one training step
     python benchmark.py --data_dir DepthEstimationUnreal --json bench.json
+    python benchmark.py --deploy checkpoints/best.pth --steps 5 --repeats 5    # eager vs TorchScript vs ONNX Runtime
 
 train: images/s of main.py's step (cached uint8 tensors indexed per batch by main.batches_of, main.train_step,
        autocast and memory format from utils.fast_path, main.py's default augmentation) and of the template-style
@@ -19,6 +20,7 @@ utilisation: FLOPs per image (torch.utils.flop_counter on one step), achieved FL
 memory: CUDA max_memory_allocated per path; on a CPU the process peak RSS (monotonic over the whole run).
 """
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -63,6 +65,11 @@ def get_parser():
     a("--profile", action="store_true", help="print the top ops by self time of one training step of our path")
     a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one)")
     a("--json", default=None, help="write every figure here")
+    a("--deploy", default=None, metavar="CKPT",
+      help="instead: per-frame CPU latency of CKPT as PyTorch eager, TorchScript and ONNX Runtime (graphs made by "
+      "main.py --export into a temporary folder) on 144x256 frames, at each --deploy_batches")
+    a("--deploy_batches", default="1,16", help="with --deploy: batch sizes, joined by ','")
+    a("--deploy_tta", default=None, choices=["none", "flip"], help="with --deploy: default: the checkpoint's own")
     return p
 
 
@@ -258,6 +265,71 @@ def dtype_name(dtype):
 
 
 # ------------------------------------------------------------------------------------------------
+# --deploy: latency of a checkpoint as eager PyTorch and as its exported graphs
+
+def parse_batches(text):
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise UserError(f"--deploy_batches: positive integers joined by ',', got {text!r}")
+    return batches
+
+
+def deploy_latency(args):
+    """{batch: {path: per-frame ms (median of --repeats runs of --steps calls, min-max)}} of one checkpoint on the
+    CPU: eager predict_depth in fp32 (the graphs' numerics), eager with evaluate.py's fast path (autocast and
+    channels_last of utils.fast_path), the TorchScript and the ONNX graph; paths timed in turn (time_paths)."""
+    import copy
+    import types
+    import evaluate
+    device = torch.device("cpu")
+    batches = parse_batches(args.deploy_batches)
+    load_args = types.SimpleNamespace(ckpt=args.deploy, model=None, encoder=None, head="clip", tta=args.deploy_tta)
+    net, config = evaluate.load_model(load_args, device)
+    tta, hw = load_args.tta == "flip", model_lib.TRAIN_HW
+    amp_dtype, _, why = fast_path(device)
+    fast_net = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    paths = {"eager": lambda rgb, _: predict_depth(net, rgb, tta=tta),
+             "eager_fast": lambda rgb, _: predict_depth(fast_net, rgb, tta=tta, amp_dtype=amp_dtype,
+                                                         channels_last=True)}
+    with tempfile.TemporaryDirectory(prefix="bench_deploy_") as tmp:
+        for name, suffix in (("torchscript", ".pt"), ("onnxruntime", ".onnx")):
+            graph_path = model_lib.export_graph(args.deploy, os.path.join(tmp, "model" + suffix), load_args.tta)
+            predict = model_lib.load_graph(graph_path)[0]
+            paths[name] = lambda rgb, _, predict=predict: predict(rgb)
+    print(f"--deploy {args.deploy}: {config['name']} {config.get('encoder')}, tta {load_args.tta}, {hw[1]}x{hw[0]} "
+          f"random frames; {cpu_model_name()}, {torch.get_num_threads()} threads (ONNX Runtime too); eager_fast: "
+          f"{why}, channels_last; load average {os.getloadavg()[0]:.2f} (other work on the machine skews it)")
+    warmup = max(args.warmup, 3)  # TorchScript's profiling executor optimises over its first calls
+    results = {}
+    for b in batches:
+        rgb = torch.rand(b, 3, *hw, generator=torch.Generator().manual_seed(0))
+        timing = types.SimpleNamespace(warmup=warmup, repeats=args.repeats, steps=args.steps, batch_size=b,
+                                       template_workers=0)
+        fns = {path: under(torch.inference_mode, fn) for path, fn in paths.items()}
+        rates = time_paths(f"batch {b}", fns, {path: itertools.repeat((rgb, None)) for path in paths}, timing,
+                           device)
+        results[b] = {path: {"ms_per_frame": 1000 / r["images_per_s"], "min": 1000 / r["max"],
+                             "max": 1000 / r["min"]} for path, r in rates.items()}
+    print(f"\nper-frame latency, ms (median of {args.repeats} x {args.steps} calls, min-max)")
+    print(f"{'batch':>5}  " + "".join(f"{path:<24}" for path in paths).rstrip())
+    for b, row in results.items():
+        print(f"{b:>5}  " + "".join(f"{r['ms_per_frame']:.1f} ({r['min']:.1f}-{r['max']:.1f})".ljust(24)
+                                    for r in row.values()).rstrip())
+    result = {"machine": {"cpu": cpu_model_name(), "torch_threads": torch.get_num_threads(),
+                          "torch": str(torch.__version__), "eager_fast": why},
+              "config": {"ckpt": args.deploy, "model": config, "tta": load_args.tta, "image_hw": list(hw),
+                         "steps": args.steps, "repeats": args.repeats, "warmup": warmup},
+              "latency": {str(b): row for b, row in results.items()}}
+    if args.json:
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2).encode()))
+        print(f"wrote {args.json}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
 
 def run(args):
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # the template's 4 workers on fewer cores
@@ -404,7 +476,10 @@ def run(args):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
-        run(args)
+        if args.deploy:
+            deploy_latency(args)
+        else:
+            run(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
     python evaluate.py --data test/ --ckpt best.pth
     python evaluate.py --data DepthEstimationUnreal --split val --ckpt best.pth --out metrics.json --save_dir preds/
+    python evaluate.py --data DepthEstimationUnreal --split val --ckpt best.pth --save_dir clouds/ --ply --fov 90
 
 --data is a dataset root (uses rgb/<split> + depth/<split>, split 'test' by default), a split folder
 (rgb/ + depth/), or a folder of images with no depth (then it only predicts, with --save_dir).
@@ -10,6 +11,11 @@ metric is at native resolution; images of much more than the training frame's pi
 are predicted at about the training frame's pixel count, aspect ratio kept (`model.working_size`).
 Checkpoints are loaded with torch.load(weights_only=True): a file that would run code when unpickled is
 refused.
+
+Besides the per-pixel metrics it prints `flicker`, a sequence-level metric: over neighbouring frames (names
+ending in consecutive numbers), the mean |change| of the prediction minus that of the truth, on pixels whose
+true depth changes by less than 5 cm (README, "Temporal consistency"). `--ply` (with --save_dir) writes each
+prediction as a coloured point cloud through a pinhole camera (`--fov`, default 90 degrees, or `--intrinsics`).
 
 `evaluate_batches` and `frame_batches` are also training's evaluation path (main.py imports them), so
 main.py's val figures and this harness's are the same computation.
@@ -23,6 +29,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -31,13 +38,28 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset import DepthDataset
-from model import HEADS, TRAIN_HW, compiled, find_state_dict, load_checkpoint, model_from_checkpoint, predict_depth
-from utils import (METRIC_NAMES, UserError, add_sums, atomic_write, depth_colors, fast_path, metric_sums,
-                   one_line_errors, pick_device, positive_int, summarize, visualize_img)
+from model import (HEADS, checkpoint_train_hw, compiled, find_state_dict, fit_input, load_checkpoint,
+                   model_from_checkpoint, predict_depth)
+from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, depth_colors, fast_path, flag_range,
+                   metric_sums, one_line_errors, pick_device, positive_int, summarize, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
 BATCH_SIZE = 32
 MAX_BATCH_PIXELS = 2 ** 24  # a batch of large images is cut short (about 200 MB of float RGB); one frame always fits
+UNREAL_FOV_DEG = 90.0  # Unreal Engine's default camera: horizontal field of view, degrees (--ply's default camera)
+STATIC_M = 0.05  # flicker: a pixel is static between two frames when its true depth changes by less than this
+FRAME_NUMBER = re.compile(r"^(.*?)(\d+)$")  # a frame name ending in a number: (prefix, number)
+
+
+def parse_intrinsics(text):
+    """--intrinsics FX,FY,CX,CY: four finite numbers, FX and FY > 0 (argparse reports anything else in one line)."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) or min(values[:2]) <= 0:
+        raise argparse.ArgumentTypeError(f"must be FX,FY,CX,CY in pixels (four numbers, FX and FY > 0), got {text!r}")
+    return tuple(values)
 
 
 def get_parser():
@@ -59,6 +81,13 @@ def get_parser():
       help="flip: average with the horizontally flipped prediction (default: what the checkpoint names, else none)")
     a("--out", default=None, help="write the metrics as JSON here")
     a("--save_dir", default=None, help="write per-image predictions, a per-image CSV and best/worst figures here")
+    a("--ply", action="store_true", help="with --save_dir: also a coloured point cloud per frame, <frame>.ply "
+      "(binary; camera coordinates x right, y down, z forward, metres; pixels at the 20 m clip left out)")
+    a("--fov", type=flag_range(float, 0, 180, above=True, below=True), default=None,
+      help=f"with --ply: the camera's horizontal field of view in degrees, square pixels, principal point at the "
+      f"centre; unset: {UNREAL_FOV_DEG:g}, Unreal's default camera")
+    a("--intrinsics", type=parse_intrinsics, default=None, metavar="FX,FY,CX,CY",
+      help="with --ply: the pinhole camera in pixels of the depth map (pixel centres at integers), instead of --fov")
     a("--skip_bad", action="store_true",
       help="skip unreadable or inconsistent files and list them, instead of stopping")
     a("--allow_unusual_depth", action="store_true",
@@ -91,10 +120,7 @@ def load_model(args, device):
     if args.tta is None:  # a shipped checkpoint names the test-time augmentation it was validated with
         args.tta = "flip" if ckpt.get("tta") == "flip" else "none"
     net = model_from_checkpoint(config, state, args.ckpt)
-    train_hw = ckpt.get("train_hw")  # much larger images (photos) are predicted at about this many pixels
-    ok = isinstance(train_hw, (list, tuple)) and len(train_hw) == 2 and all(isinstance(x, int) and x > 0
-                                                                           for x in train_hw)
-    net.train_pixels = math.prod(train_hw if ok else TRAIN_HW)
+    net.train_pixels = math.prod(checkpoint_train_hw(ckpt))  # much larger images (photos): about this many pixels
     return net.to(device).eval(), config
 
 
@@ -142,7 +168,7 @@ def frame_batches(ds, batch_size, indices=None, progress=False):
 
 def output_files(name):
     """The files --save_dir may get for a frame: its predictions, and its figure if it is among the best/worst."""
-    return {"npy": f"{name}.npy", "png": f"{name}.png", "color": f"{name}_color.png",
+    return {"npy": f"{name}.npy", "png": f"{name}.png", "color": f"{name}_color.png", "ply": f"{name}.ply",
             "best": f"best_{name}.png", "worst": f"worst_{name}.png"}
 
 
@@ -171,8 +197,97 @@ def save_prediction(save_dir, name, pred_m):
     atomic_write(os.path.join(save_dir, files["color"]), lambda f: color.save(f, format="PNG"))
 
 
+# ------------------------------------------------------------------------------------------------
+# --ply: the prediction back-projected through a pinhole camera
+
+def camera_intrinsics(hw, fov_deg=None, intrinsics=None):
+    """(fx, fy, cx, cy) in pixels of a depth map of size hw, pixel centres at integers: --intrinsics as given, else
+    from the horizontal field of view (default Unreal's 90 degrees), square pixels, the principal point central."""
+    if intrinsics is not None:
+        return tuple(intrinsics)
+    h, w = hw
+    fx = (w / 2) / math.tan(math.radians(fov_deg or UNREAL_FOV_DEG) / 2)
+    return fx, fx, (w - 1) / 2, (h - 1) / 2
+
+
+def backproject(depth_m, camera):
+    """Points [H*W, 3] (float64, metres, camera coordinates: x right, y down, z forward) of a planar z-depth map
+    [H, W]: X = (u - cx) * Z / fx, Y = (v - cy) * Z / fy, Z = depth, row-major."""
+    fx, fy, cx, cy = camera
+    v, u = np.mgrid[0:depth_m.shape[0], 0:depth_m.shape[1]]
+    z = depth_m.astype(np.float64)
+    return np.stack([(u - cx) * z / fx, (v - cy) * z / fy, z], axis=-1).reshape(-1, 3)
+
+
+def ply_bytes(points, colors_u8):
+    """A binary little-endian PLY of points [N, 3] (stored float32) with colours [N, 3] uint8."""
+    vertex = np.empty(len(points), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"),
+                                          ("red", "u1"), ("green", "u1"), ("blue", "u1")])
+    for k, name in enumerate("xyz"):
+        vertex[name] = points[:, k]
+    for k, name in enumerate(("red", "green", "blue")):
+        vertex[name] = colors_u8[:, k]
+    header = ("ply\nformat binary_little_endian 1.0\ncomment depthkit evaluate.py: camera coordinates, metres, "
+              f"x right, y down, z forward\nelement vertex {len(points)}\nproperty float x\nproperty float y\n"
+              "property float z\nproperty uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+    return header.encode() + vertex.tobytes()
+
+
+def save_point_cloud(save_dir, name, pred_m, rgb, camera_args):
+    """<name>.ply: the prediction pred_m [H, W] back-projected, coloured by rgb [3, h, w] in [0, 1] resized to
+    [H, W]; pixels at the clip (>= 20 m: sky, beyond the range) and non-finite or zero depths left out."""
+    camera = camera_intrinsics(pred_m.shape, *camera_args)
+    keep = (np.isfinite(pred_m) & (pred_m > 0) & (pred_m < MAX_DEPTH)).reshape(-1)
+    rgb_u8 = (fit_input(rgb[None].float(), pred_m.shape)[0].clamp(0, 1) * 255).round().byte()
+    colors = rgb_u8.permute(1, 2, 0).reshape(-1, 3).numpy()
+    data = ply_bytes(backproject(pred_m, camera)[keep], colors[keep])
+    atomic_write(os.path.join(save_dir, output_files(name)["ply"]), lambda f: f.write(data))
+
+
+# ------------------------------------------------------------------------------------------------
+# flicker: excess frame-to-frame change of the prediction where the truth is static (sequence-level)
+
+def are_neighbours(name_a, name_b):
+    """Whether frame b follows frame a in a sequence: both names end in a number, with the same prefix, b's number
+    one more than a's ('41' -> '42', 'cam1_0009' -> 'cam1_0010'). A gap in the numbers is a cut."""
+    a, b = FRAME_NUMBER.match(name_a), FRAME_NUMBER.match(name_b)
+    return bool(a and b) and a[1] == b[1] and int(b[2]) == int(a[2]) + 1
+
+
+def flicker_sums(pred_a, depth_a, pred_b, depth_b):
+    """Sums of one neighbouring pair (metres, any same shape): pairs, static pixels (|depth_b - depth_a| < STATIC_M),
+    and |pred_b - pred_a| and |depth_b - depth_a| summed over those pixels."""
+    depth_change = (depth_b.double() - depth_a.double()).abs()
+    static = depth_change < STATIC_M
+    pred_change = (pred_b.double() - pred_a.double()).abs()
+    return {"pairs": 1, "static_pixels": static.sum(), "pred_change": pred_change[static].sum(),
+            "depth_change": depth_change[static].sum()}
+
+
+def add_flicker(total, previous, name, pred_m, depth_m):
+    """Add the pair (previous frame, this one) to the flicker totals when they are neighbours of one size; returns
+    this frame, the next one's previous. Only the previous frame is kept, never the whole sequence."""
+    if previous is not None and are_neighbours(previous[0], name) and previous[1].shape == pred_m.shape:
+        add_sums(total, flicker_sums(previous[1], previous[2], pred_m, depth_m))
+    return name, pred_m, depth_m
+
+
+def summarize_flicker(total):
+    """{flicker, flicker_pairs}: mean |pred change| minus mean |true change| over the static pixels of every
+    neighbouring pair (metres; 0 for a prediction that changes only as the truth does); NaN with no static pixel."""
+    n = total.get("static_pixels", 0.0)
+    flicker = (total["pred_change"] - total["depth_change"]) / n if n else math.nan
+    return {"flicker": flicker, "flicker_pairs": int(total.get("pairs", 0))}
+
+
 def check_outputs(args):
-    """Refuse to overwrite anything evaluate.py did not write itself."""
+    """Refuse to overwrite anything evaluate.py did not write itself, and flags that go nowhere."""
+    if (args.fov is not None or args.intrinsics is not None) and not args.ply:
+        raise UserError("--fov and --intrinsics set the camera of --ply; pass --ply too")
+    if args.ply and not args.save_dir:
+        raise UserError("--ply writes <frame>.ply into --save_dir; pass --save_dir DIR")
+    if args.fov is not None and args.intrinsics is not None:
+        raise UserError("--fov and --intrinsics both describe the camera; pass one")
     if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir) \
             and not os.path.exists(os.path.join(args.save_dir, MARKER)):
         raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; "
@@ -210,17 +325,22 @@ def run(args):
         os.makedirs(args.save_dir, exist_ok=True)
         atomic_write(os.path.join(args.save_dir, MARKER), lambda f: f.write(b"evaluate.py output\n"))
 
-    per_image, per_batch = [], []
+    per_image, per_batch, flicker_total, previous = [], [], {}, None
 
     def on_batch(pred_m, depth_m, sums, batch):
+        nonlocal previous
         idx = batch[2]
         if ds.has_depth:
             per_batch.append(summarize({k: float(v.sum()) for k, v in sums.items()}))
             for j, i in enumerate(idx):
                 per_image.append((i, summarize({k: float(v[j]) for k, v in sums.items()})))
+                previous = add_flicker(flicker_total, previous, ds.names[i], pred_m[j], depth_m[j])
         if args.save_dir:
             for j, i in enumerate(idx):
-                save_prediction(args.save_dir, ds.names[i], pred_m[j, 0].float().cpu().numpy())
+                pred = pred_m[j, 0].float().cpu().numpy()
+                save_prediction(args.save_dir, ds.names[i], pred)
+                if args.ply:
+                    save_point_cloud(args.save_dir, ds.names[i], pred, batch[0][j], (args.fov, args.intrinsics))
 
     batches = frame_batches(ds, args.batch_size, progress=sys.stderr.isatty())
     total = evaluate_batches(compiled(net) if args.compile else net, batches, device, amp_dtype, channels_last,
@@ -232,16 +352,20 @@ def run(args):
         else:
             metrics = {k: float(np.mean([b[k] for b in per_batch])) for k in METRIC_NAMES}
             what = f"course: mean over {len(per_batch)} batches of {args.batch_size} of per-batch metrics"
+        flicker = summarize_flicker(flicker_total)
         print(f"protocol {what}")
         print(f"{'metric':<10}{'value':>10}")
         for k in METRIC_NAMES:
             print(f"{k:<10}{metrics[k]:>10.4f}")
+        value = f"{flicker['flicker']:>10.4f}" if math.isfinite(flicker["flicker"]) else f"{'n/a':>10}"
+        print(f"{'flicker':<10}{value}  (m, over {flicker['flicker_pairs']} neighbouring frame pairs; README)")
     else:  # no depth maps: the metrics are null in --out, the predictions are counted
         metrics = {k: math.nan for k in METRIC_NAMES}
+        flicker = {"flicker": math.nan, "flicker_pairs": 0}
         print(f"{args.data}: images only (no depth maps): {len(ds)} predictions made, no metrics"
               + (f"; written to {args.save_dir}" if args.save_dir else "; pass --save_dir to keep them"))
     finite = all(math.isfinite(metrics[k]) for k in METRIC_NAMES)
-    result = dict({k: v if math.isfinite(v) else None for k, v in metrics.items()},  # NaN is not JSON: null
+    result = dict({k: v if math.isfinite(v) else None for k, v in dict(metrics, **flicker).items()},  # NaN: null
                   protocol=args.protocol, frames=len(ds), predictions=len(ds), tta=args.tta, ckpt=args.ckpt,
                   data=args.data, skipped=[{"file": p, "reason": r} for p, r in ds.skipped], written_by="evaluate.py")
     if args.out:

@@ -39,7 +39,7 @@ import dataset as ds_lib
 import synthetic
 from evaluate import evaluate_batches, frame_batches
 from losses import build_loss
-from model import (HEADS, build_model, compiled, depthwise_fp32_in_training, export_checkpoint, fit_input,
+from model import (HEADS, build_model, compiled, depthwise_fp32_in_training, export_model, fit_input,
                    freeze_encoder, list_models, load_checkpoint, model_from_checkpoint, param_groups, predict_depth,
                    save_checkpoint)
 from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
@@ -173,11 +173,14 @@ def get_parser():
                                                    "recipe chosen by --folds; val metrics then score training frames)")
     a("--list-models", "--list_models", dest="list_models", action="store_true", help="list the models and exit")
     a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
-      help="write a shippable copy of a checkpoint (evaluated weights and the run's record, no optimizer state) "
-      "and exit")
-    a("--export_tta", default="none", choices=["none", "flip"],
-      help="with --export: evaluate.py's default --tta for it")
-    a("--export_fp16", action="store_true", help="with --export: weights in fp16 (half the size; check the metrics)")
+      help="write a shippable copy of a checkpoint and exit; OUT's suffix picks the format: .pth a slim checkpoint "
+      "(evaluated weights and the run's record, no optimizer state), .pt TorchScript, .onnx ONNX (graphs of "
+      "RGB [B,3,H,W] in [0,1] -> metres [B,1,H,W]; ONNX needs pip install onnx onnxruntime)")
+    a("--export_tta", default=None, choices=["none", "flip"],
+      help="with --export: .pth: evaluate.py's default --tta for it (default none); .pt/.onnx: baked into the graph "
+      "(default: the checkpoint's own)")
+    a("--export_fp16", action="store_true",
+      help="with --export to .pth: weights in fp16 (half the size; check the metrics)")
     return p
 
 
@@ -906,8 +909,7 @@ def main(argv=None):
             print("\n".join(list_models()))
             return 0
         if args.export:
-            tta = None if args.export_tta == "none" else args.export_tta
-            out = export_checkpoint(*args.export, half=args.export_fp16, tta=tta)
+            out = export_model(*args.export, half=args.export_fp16, tta=args.export_tta)
             print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, "
                   f"{'fp16' if args.export_fp16 else 'fp32'} weights)")
             return 0

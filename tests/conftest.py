@@ -61,3 +61,20 @@ def exploit(victim):
         def __reduce__(self):
             return (open, (str(victim), "w"))
     return Payload()
+
+
+@pytest.fixture(scope="session")
+def constant_depth_ckpt(tmp_path_factory):
+    """A checkpoint of a small model that predicts exactly CONSTANT_DEPTH_M everywhere (zero last conv, its bias)."""
+    import torch
+    import model as model_lib
+    net = model_lib.build_model("effnet_unet")
+    with torch.no_grad():
+        net.decoder.out.weight.zero_()
+        net.decoder.out.bias.fill_(CONSTANT_DEPTH_M)
+    path = str(tmp_path_factory.mktemp("constant") / "constant.pth")
+    model_lib.save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None})
+    return path
+
+
+CONSTANT_DEPTH_M = 7.0

@@ -2,7 +2,10 @@
 import json
 import math
 
+import pytest
+
 import benchmark
+import model as model_lib
 
 
 def test_benchmark_writes_every_figure(synthetic_root, tmp_path, capsys):
@@ -34,3 +37,20 @@ def test_benchmark_writes_every_figure(synthetic_root, tmp_path, capsys):
     assert "train ours" in printed and "eval template" in printed and "mfu" in printed
     assert "what bounds the step: memory bandwidth" in printed and "warm-up" in printed
     assert 0 < result["train"]["dense_conv_flop_share"] <= 1 and result["train"]["ours"]["warmup_s"] > 0
+
+
+def test_deploy_latency_times_every_path(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    net = model_lib.build_model("effnet_unet")
+    ckpt = str(tmp_path / "small.pth")
+    model_lib.save_checkpoint(ckpt, {"model": dict(net.config), "state_dict": net.state_dict(), "tta": "flip"})
+    out = tmp_path / "deploy.json"
+    assert benchmark.main(["--deploy", ckpt, "--deploy_batches", "1,2", "--steps", "1", "--repeats", "1",
+                           "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["tta"] == "flip" and result["machine"]["cpu"] and set(result["latency"]) == {"1", "2"}
+    for row in result["latency"].values():
+        assert set(row) == {"eager", "eager_fast", "torchscript", "onnxruntime"}
+        assert all(math.isfinite(r["ms_per_frame"]) and r["ms_per_frame"] > 0 for r in row.values())
+    assert "per-frame latency" in capsys.readouterr().out

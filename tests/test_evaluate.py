@@ -70,6 +70,19 @@ def test_metrics_equal_those_of_the_saved_predictions(first_run, synthetic_root)
     assert len([f for f in os.listdir(first_run / "preds") if f.startswith(("best_", "worst_"))]) == 6
 
 
+def test_flicker_equals_that_of_the_saved_predictions(first_run, synthetic_root):
+    m = json.load(open(first_run / "m.json"))
+    names, gt, pred = gt_and_preds(synthetic_root, first_run / "preds")  # test frames numbered one after another
+    pred_change = gt_change = static_pixels = 0.0
+    for t in range(len(names) - 1):
+        truth = np.abs(gt[t + 1].astype(np.float64) - gt[t])
+        static = truth < evaluate.STATIC_M
+        pred_change += np.abs(pred[t + 1].astype(np.float64) - pred[t])[static].sum()
+        gt_change, static_pixels = gt_change + truth[static].sum(), static_pixels + static.sum()
+    assert m["flicker_pairs"] == len(names) - 1 == 5
+    assert m["flicker"] == pytest.approx((pred_change - gt_change) / static_pixels, abs=1e-6)
+
+
 def test_two_runs_identical(first_run, ckpt_path, synthetic_root, tmp_path):
     assert evaluate.main(["--data", synthetic_root, "--ckpt", ckpt_path, "--batch_size", "3", "--amp", "none",
                           "--out", str(tmp_path / "m2.json")]) == 0
