@@ -224,8 +224,7 @@ def make_path(margs, loss_fn, device, total_steps, amp_dtype=None, channels_last
     are the template's: fp32, default memory format, no augmentation. Same seed, so the same initial weights."""
     seed_everything(0)
     net = model_lib.build_model(margs.model, pretrained=False, head=margs.head).to(device).train()
-    if amp_dtype is not None:  # our path, as main.py builds it
-        model_lib.depthwise_fp32_in_training(net)
+    model_lib.depthwise_fp32_in_training(net)  # as main.py builds it (acts only under CPU bf16 autocast)
     if channels_last:
         net.to(memory_format=torch.channels_last)
     optimizer = train_lib.make_optimizer(margs, net)
