@@ -7,8 +7,9 @@
     python main.py --resume runs/effnet_unet/last.pth
     torchrun --nproc_per_node 2 main.py ...          # several GPUs (or CPU processes on gloo)
 
-Every --evaluate_every epochs: RMSE/SSIM on train and val, a row in metrics.csv, curves.png,
-figures of fixed val images, last.pth and (on a new best val RMSE) best.pth in the run folder.
+Every --evaluate_every epochs: RMSE/SSIM on train and val, a row in metrics.csv, curves.png (with the loss per
+step of loss_steps.csv), figures of fixed val frames and a train frame, last.pth and (on a new best val RMSE) best.pth
+in the run folder.
 
 The run, top to bottom: `train` sets up the process (`setup`), reads the data (`load_data`), builds the run
 from the arguments or a checkpoint (`build_run`), then loops over epochs: `train_one_epoch`, `evaluate_and_save`.
@@ -110,6 +111,7 @@ RECIPE_GAPS = {  # what a recipe cannot reproduce as the report did it; printed 
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
 RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch", "step", "best", "history", "rng")
 RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folder with it is ever continued
+STEP_LOG = "loss_steps.csv"  # step, epoch, loss, lr of every training step
 
 
 def get_parser():
@@ -317,7 +319,8 @@ def load_data(args, env):
         dir=data_dir, synthetic=is_synthetic, train=train_set, val=val_set, stacked=stacked, train_hw=train_hw,
         steps_per_epoch=steps_per_epoch, val_idx=list(range(len(val_set)))[env.rank::env.world],
         train_eval_idx=train_eval_idx[env.rank::env.world], n_train_eval=n_train_eval,
-        fig_idx=sorted({0, len(val_set) // 2, len(val_set) - 1}), eval_batch_size=max(args.batch_size, EVAL_BATCH_SIZE))
+        fig_idx=sorted({0, len(val_set) // 2, len(val_set) - 1}), fig_train_idx=[len(train_set) // 2],
+        eval_batch_size=max(args.batch_size, EVAL_BATCH_SIZE))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -472,7 +475,7 @@ def build_run(args, env, data, ckpt):
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),
         loss_fn=build_loss(args.loss, args.head == "clip"), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None,
         train_seconds=0.0, best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,
-        train_hw=list(data.train_hw))
+        train_hw=list(data.train_hw), step_log=[])
     if ckpt is not None:
         restore_training_state(run, ckpt, args.resume)
         run.dir = os.path.dirname(os.path.abspath(args.resume))
@@ -515,7 +518,7 @@ def training_state(run):
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "best": run.best, "args": dict(vars(run.args)), "history": run.history,
+        "best": run.best, "args": dict(vars(run.args)), "history": run.history, "step_log": run.step_log,
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
                      "torchvision": str(torchvision.__version__)},
     }
@@ -543,6 +546,7 @@ def restore_training_state(run, ckpt, source):
             run.scaler.load_state_dict(ckpt["scaler"])
         run.epoch = epochs_done(ckpt)
         run.step, run.best, run.history = ckpt["step"], ckpt["best"], ckpt["history"]
+        run.step_log = [list(r) for r in ckpt.get("step_log") or []]  # checkpoints before 2026-12 kept none
         run.in_epoch, run.train_seconds = ckpt.get("in_epoch"), float(ckpt.get("train_seconds", 0.0))
         torch.set_rng_state(ckpt["rng"]["torch"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a damaged or hand-made checkpoint
@@ -567,6 +571,7 @@ def save_checkpoints(run, env, names):
                                  f"stopping. {kept_message(run.dir)}")
     if not env.main:
         return
+    write_step_log(run)
     state = training_state(run)
     for name in names:
         path = os.path.join(run.dir, name)
@@ -584,7 +589,7 @@ def holds_run(folder):
     entries = os.listdir(folder) if os.path.isdir(folder) else []
     if RUN_MARKER not in entries:
         return bool(entries)
-    return any(f not in (RUN_MARKER, "metrics.csv", "curves.png", "figures") and not TEMP_NAME.match(f)
+    return any(f not in (RUN_MARKER, "metrics.csv", STEP_LOG, "curves.png", "figures") and not TEMP_NAME.match(f)
                for f in entries)
 
 
@@ -668,7 +673,8 @@ def train_one_epoch(run, data, env, epoch):
             run.train_seconds = t.item()
         follow_clock(run)
         out_of_time = bool(args.time_budget) and run.train_seconds >= 60 * args.time_budget
-        loss_sum += loss.item() * rgb.shape[0]
+        run.step_log.append([run.step, epoch + 1, loss.item(), run.optimizer.param_groups[-1]["lr"]])
+        loss_sum += run.step_log[-1][2] * rgb.shape[0]
         n_seen += rgb.shape[0]
         n_timed += rgb.shape[0]
         if env.main and run.step % 10 == 0:
@@ -710,20 +716,22 @@ def split_metrics(model, split_set, indices, env, batch_size):
 
 
 def save_figures(run, data, env, tag):
-    """input | ground truth | prediction | error of the fixed val frames, by the weights evaluation uses (rank 0)."""
+    """input | ground truth | prediction | error of the fixed val frames and a fixed train frame (unaugmented), by the
+    weights evaluation uses (rank 0): figures/TAG_valNAME.png, figures/TAG_trainNAME.png."""
     if not env.main:
         return
     net = run.eval_net
     was_training = net.training
     net.eval()
     with torch.inference_mode():
-        for i in data.fig_idx:
-            rgb, depth = data.val[i]
+        for split, frames, i in [("val", data.val, i) for i in data.fig_idx] + [("train", data.train, i)
+                                                                              for i in data.fig_train_idx]:
+            rgb, depth = frames[i]
             pred = predict_depth(net, rgb[None].to(env.device), depth.shape[-2:], amp_dtype=env.amp_dtype,
                                  channels_last=env.channels_last)
-            name = data.val.names[i]
-            visualize_img(rgb, depth, pred[0].cpu(), os.path.join(run.dir, "figures", f"{tag}_val{name}.png"),
-                          title=f"{run.args.model} {tag}, val frame {name}")
+            name = frames.names[i]
+            visualize_img(rgb, depth, pred[0].cpu(), os.path.join(run.dir, "figures", f"{tag}_{split}{name}.png"),
+                          title=f"{run.args.model} {tag}, {split} frame {name}")
     net.train(was_training)
 
 
@@ -755,7 +763,7 @@ def evaluate_and_save(run, data, env, out_of_time):
     env.log(" | ".join(text))
     if env.main:
         write_csv(os.path.join(run.dir, "metrics.csv"), run.history)
-        plot_curves([h for h in run.history if "val_rmse" in h], os.path.join(run.dir, "curves.png"))
+        plot_curves([h for h in run.history if "val_rmse" in h], os.path.join(run.dir, "curves.png"), run.step_log)
         save_figures(run, data, env, f"epoch{epoch:03d}")
     save_checkpoints(run, env, ["last.pth", f"epoch{epoch:03d}.pth"] + (["best.pth"] if is_best else []))
     if env.main:
@@ -771,6 +779,14 @@ def write_csv(path, rows):
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def write_step_log(run):
+    """STEP_LOG in the run folder: the training loss of every step (this process's batch mean, before the step's
+    update) and the decoder LR after it, written from the checkpointed record: exact across --resume."""
+    if run.step_log:
+        rows = [dict(zip(("step", "epoch", "loss", "lr"), r)) for r in run.step_log]
+        write_csv(os.path.join(run.dir, STEP_LOG), rows)
 
 
 def prune_epoch_files(run_dir, keep):
