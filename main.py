@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -40,9 +41,9 @@ import dataset as ds_lib
 import synthetic
 from evaluate import evaluate_batches, frame_batches
 from losses import build_loss
-from model import (HEADS, build_model, compiled, depthwise_fp32_in_training, export_model, fit_input,
-                   freeze_encoder, list_models, load_checkpoint, model_from_checkpoint, param_groups, predict_depth,
-                   save_checkpoint)
+from model import (HEADS, build_model, checkpoint_train_hw, compiled, depthwise_fp32_in_training, export_model,
+                   fit_input, freeze_encoder, list_models, load_checkpoint, load_main_checkpoint, model_from_checkpoint,
+                   param_groups, predict_depth, save_checkpoint, summary_text)
 from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
                    non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
                    remove_stale_temps, seed_everything, summarize, visualize_img)
@@ -67,7 +68,7 @@ TIME_BUDGET = None             # minutes of training (evaluation excluded); the 
 EVALUATE_EVERY = 2             # epochs
 VISUALIZE_EVERY = 500          # steps
 AUGMENT = "flip+jitter"        # 'none' or any of dataset.AUGMENTS joined by '+' (flip, jitter, geo, photo, cutout)
-FREEZE = "none"                # none, stem, encoder: encoder parts with no gradient and batch norm in eval mode
+FREEZE = "none"                # none, stem, stageK (up to encoder stage K: --summary), encoder: no gradient, BN in eval
 TRAIN_EVAL_FRAMES = 500        # train-split metrics on this many evenly spaced frames (0 = all)
 KEEP = 2                       # epoch checkpoints kept besides best.pth and last.pth
 SEED = 0
@@ -101,8 +102,9 @@ RECIPE_GAPS = {  # what a recipe cannot reproduce as the report did it; printed 
                         "AdamW's weight decay and OneCycle's settings are not in the report: torch's defaults "
                         "(0.01; pct_start 0.3, cosine)"],
     "resnet34_report": ["the report trains and scores at 224x224; here the 224x224 prediction is resized back and "
-                        "scored at the frames' 144x256",
-                        "the report freezes 'the first layers' without naming them: the stem (conv1, bn1) here"],
+                        "scored at the frames' 144x256 (the report's way: evaluate.py --protocol resnet34_224)",
+                        "the report freezes 'the first layers' without naming them: the stem (conv1, bn1) here "
+                        "(--freeze stage1 .. stage4 freezes more)"],
     "both": ["ImageNet encoder weights come from timm's download (or --encoder-weights PATH); offline, "
              "--no-pretrained trains from scratch, which the reports did not",
              "the reports trained on a GPU (the ConvNeXt one names an NVIDIA L4); on a CPU their epochs take days",
@@ -144,7 +146,9 @@ def get_parser():
     a("--visualize_every", type=non_negative_int, default=VISUALIZE_EVERY,
       help="steps between val figures (0: at evaluations only)")
     a("--augment", default=AUGMENT, help=f"'none' or '+'-joined: {', '.join(ds_lib.AUGMENTS)} (dataset.py)")
-    a("--freeze", default=FREEZE, choices=["none", "stem", "encoder"], help="encoder parts kept frozen")
+    a("--freeze", default=FREEZE, type=freeze_choice,
+      help="encoder parts kept frozen: none, stem, stageK (the encoder up to and including stage K, as --summary "
+           "lists them) or encoder")
     a("--train_eval_frames", type=non_negative_int, default=TRAIN_EVAL_FRAMES,
       help="train metrics on this many frames (0: all)")
     a("--ckpt_dir", default=CKPT_DIR, help="folder of run folders")
@@ -174,6 +178,12 @@ def get_parser():
     a("--train_splits", default=TRAIN_SPLITS, help="splits to train on, joined by '+' (e.g. train+val to ship a "
                                                    "recipe chosen by --folds; val metrics then score training frames)")
     a("--list-models", "--list_models", dest="list_models", action="store_true", help="list the models and exit")
+    a("--summary", nargs="?", const="", default=None, metavar="HxW",
+      help="print the model's encoder stages and decoder layers (output shape, parameters) and its FLOPs per image "
+           "at HxW (default: its fixed input size, else 144x256), and exit")
+    a("--init", default=None, metavar="CKPT",
+      help="start a new run from a checkpoint's weights (fine-tuning): fresh optimizer, schedule and run folder; "
+           "the model flags default to the checkpoint's")
     a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
       help="write a shippable copy of a checkpoint and exit; OUT's suffix picks the format: .pth a slim checkpoint "
       "(evaluated weights and the run's record, no optimizer state), .pt TorchScript, .onnx ONNX (graphs of "
@@ -186,11 +196,18 @@ def get_parser():
     return p
 
 
+def freeze_choice(text):
+    if text not in ("none", "stem", "encoder") and not re.fullmatch(r"stage\d+", text):
+        raise argparse.ArgumentTypeError(f"must be none, stem, stageK (K a number: --summary lists the stages) or "
+                                         f"encoder, got {text!r}")
+    return text
+
+
 def parse_args(argv):
     """(args, the --resume checkpoint or None). A resumed run continues with the arguments it was started with."""
     parser = get_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.list_models or pre.export:
+    if pre.list_models or pre.export or pre.summary is not None:
         return pre, None
     ckpt = None
     if pre.resume:
@@ -203,6 +220,8 @@ def parse_args(argv):
                                if k not in ("resume", "stop_after_epochs", "list_models")})
     elif pre.recipe:
         parser.set_defaults(**RECIPES[pre.recipe])
+    if pre.init and not pre.resume:  # the model it holds, unless a flag says otherwise (then build_run names it)
+        parser.set_defaults(**init_model_flags(load_main_checkpoint(pre.init)))
     args = parser.parse_args(argv)
     if pre.recipe and not pre.resume:
         recipe = RECIPES[pre.recipe]
@@ -453,6 +472,8 @@ def build_run(args, env, data, ckpt):
     the arguments, or from a checkpoint to continue it exactly."""
     if ckpt is not None:
         net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], args.resume)
+    elif args.init:
+        net = model_from_init(args, env, data)
     else:
         net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
                           encoder_weights=args.encoder_weights, head=args.head)
@@ -501,6 +522,30 @@ def build_run(args, env, data, ckpt):
         parts.append(f"EMA {args.ema:g}")
     env.log(", ".join(parts) + f", run folder {run.dir}")
     return run
+
+
+def init_model_flags(ckpt):
+    """The model flags a checkpoint's model answers to (--init takes them as defaults)."""
+    return {"model": ckpt["model"].get("name"), "encoder": ckpt["model"].get("encoder"), "head": ckpt["model"].get("head")}
+
+
+def model_from_init(args, env, data):
+    """--init: the model of a checkpoint with its evaluated weights (state_dict: the average with --ema), for a new run.
+    A model flag that asks for another model is one line naming what differs."""
+    ckpt = load_main_checkpoint(args.init)
+    with torch.device("meta"):  # the description the flags give, without building weights
+        wanted = build_model(args.model, encoder=args.encoder, head=args.head).config
+    differ = [f"{k} {ckpt['model'].get(k)!r} (flags: {v!r})" for k, v in wanted.items() if ckpt["model"].get(k) != v]
+    if differ:
+        raise UserError(f"--init {args.init}: holds another model than the flags ask for: {'; '.join(differ)} "
+                        f"(leave out the model flags to take the checkpoint's)")
+    net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.init)
+    hw = checkpoint_train_hw(ckpt)
+    env.log(f"initialised from {args.init} (its evaluated weights, after {epochs_done(ckpt)} epoch(s) of its run); "
+            f"fresh optimizer and schedule" + (f"; it was trained on {hw[0]}x{hw[1]} frames, these are "
+                                               f"{data.train_hw[0]}x{data.train_hw[1]}" if
+                                               tuple(hw) != tuple(data.train_hw) else ""))
+    return net
 
 
 def training_state(run):
@@ -904,6 +949,19 @@ def cv_table(results):
     return "\n".join(lines) + "\n"
 
 
+def model_summary(args):
+    """--summary [HxW]: the model the flags describe (no pretrained weights needed), stage by stage, layer by layer."""
+    hw = None
+    if args.summary:
+        m = re.fullmatch(r"(\d+)x(\d+)", args.summary)
+        if not m or min(int(m[1]), int(m[2])) < 32:
+            raise UserError(f"--summary {args.summary}: give the input size as HxW, both at least 32 (e.g. 144x256)")
+        hw = int(m[1]), int(m[2])
+    net = build_model(args.model, encoder=args.encoder, head=args.head)
+    freeze_encoder(net, args.freeze)
+    return summary_text(net, hw)
+
+
 def check_args(args):
     """Checks that need no data: a malformed spec or fold setting fails before anything is read."""
     for flag, check in (("--loss", build_loss), ("--augment", ds_lib.parse_augment)):
@@ -923,6 +981,9 @@ def main(argv=None):
         args, ckpt = parse_args(argv)
         if args.list_models:
             print("\n".join(list_models()))
+            return 0
+        if args.summary is not None:
+            print(model_summary(args))
             return 0
         if args.export:
             out = export_model(*args.export, half=args.export_fp16, tta=args.export_tta)
