@@ -220,9 +220,12 @@ def parse_args(argv):
                                if k not in ("resume", "stop_after_epochs", "list_models")})
     elif pre.recipe:
         parser.set_defaults(**RECIPES[pre.recipe])
-    if pre.init and not pre.resume:  # the model it holds, unless a flag says otherwise (then build_run names it)
-        parser.set_defaults(**init_model_flags(load_main_checkpoint(pre.init)))
+    init = load_main_checkpoint(pre.init) if pre.init and not pre.resume else None
+    if init is not None:  # the model it holds, unless a flag asks for another (one line naming what differs)
+        parser.set_defaults(**init_model_flags(init))
     args = parser.parse_args(argv)
+    if init is not None:
+        check_init_flags(args, init)
     if pre.recipe and not pre.resume:
         recipe = RECIPES[pre.recipe]
         explicit = sorted(k for k in recipe if getattr(args, k) != recipe[k])
@@ -526,19 +529,23 @@ def build_run(args, env, data, ckpt):
 
 def init_model_flags(ckpt):
     """The model flags a checkpoint's model answers to (--init takes them as defaults)."""
-    return {"model": ckpt["model"].get("name"), "encoder": ckpt["model"].get("encoder"), "head": ckpt["model"].get("head")}
+    held = ckpt["model"]
+    return {"model": held.get("name"), "encoder": held.get("encoder"), "head": held.get("head")}
+
+
+def check_init_flags(args, init):
+    """--init: one line naming each model flag that asks for another model than the checkpoint holds."""
+    differ = [f"--{k} {getattr(args, k)} (it holds {held})" for k, held in init_model_flags(init).items()
+              if getattr(args, k) is not None and getattr(args, k) != held]
+    if differ:
+        raise UserError(f"--init {args.init}: another model than the flags ask for: {'; '.join(differ)} "
+                        f"(leave those flags out to take the checkpoint's)")
 
 
 def model_from_init(args, env, data):
-    """--init: the model of a checkpoint with its evaluated weights (state_dict: the average with --ema), for a new run.
-    A model flag that asks for another model is one line naming what differs."""
+    """--init: the model of a checkpoint with its evaluated weights (state_dict: the average with --ema), for a new run
+    (parse_args has checked that the model flags ask for this model)."""
     ckpt = load_main_checkpoint(args.init)
-    with torch.device("meta"):  # the description the flags give, without building weights
-        wanted = build_model(args.model, encoder=args.encoder, head=args.head).config
-    differ = [f"{k} {ckpt['model'].get(k)!r} (flags: {v!r})" for k, v in wanted.items() if ckpt["model"].get(k) != v]
-    if differ:
-        raise UserError(f"--init {args.init}: holds another model than the flags ask for: {'; '.join(differ)} "
-                        f"(leave out the model flags to take the checkpoint's)")
     net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.init)
     hw = checkpoint_train_hw(ckpt)
     env.log(f"initialised from {args.init} (its evaluated weights, after {epochs_done(ckpt)} epoch(s) of its run); "
