@@ -1,6 +1,7 @@
 """Depth losses, named by a spec string such as "mse+0.15*ssim+0.05*edge".
 
-Terms: mse, rmse, l1, berhu, silog, ssim (1 - SSIM), edge (L1 of x and y gradient differences).
+Terms: mse, rmse, l1, berhu, silog, ssim (1 - SSIM), edge (L1 of x and y gradient differences), msgrad (edge at
+four scales).
 `build_loss(spec)` parses the spec once and returns `loss_fn(pred_m, depth_m) -> (total, parts)`.
 
 With the default `clip` head every term sees the prediction through `clip_aware`: where the ground
@@ -57,8 +58,15 @@ def edge_loss(pred, gt):
     return (dx(pred) - dx(gt)).abs().mean() + (dy(pred) - dy(gt)).abs().mean()
 
 
+def msgrad_loss(pred, gt, scales=4):
+    """Multi-scale gradient matching (Ranftl et al., MiDaS, 2020): the edge term at 1, 1/2, 1/4 and 1/8 of the
+    resolution (every 2^k-th pixel), so large structures' edges count as well as fine ones."""
+    return sum(edge_loss(pred[..., ::2 ** k, ::2 ** k], gt[..., ::2 ** k, ::2 ** k]) for k in range(scales)) / scales
+
+
 TERMS = {"mse": mse_loss, "rmse": rmse_loss, "l1": l1_loss, "berhu": berhu_loss,
-         "silog": silog_loss, "ssim": ssim_loss, "edge": edge_loss}
+         "silog": silog_loss, "ssim": ssim_loss, "edge": edge_loss,
+         "msgrad": msgrad_loss}
 
 _TERM_RE = re.compile(r"^(?:(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)\s*\*\s*)?([a-z0-9_]+)$")
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 import dataset as ds_lib
 import synthetic
+from crossval import cv_table
 from evaluate import evaluate_batches, frame_batches
 from losses import build_loss
 from model import (HEADS, build_model, checkpoint_train_hw, compiled, depthwise_fp32_in_training, export_model,
@@ -54,13 +55,15 @@ DATA_DIR = "./DepthEstimationUnreal"
 MODEL = "effnet_unet"          # python main.py --list-models
 ENCODER = None                 # timm encoder name; None: the model's own default
 PRETRAINED = True              # ImageNet encoder weights (effnet_unet's ship offline in a pip package)
+DROP_PATH = 0.0                # stochastic depth rate of the encoder's residual blocks (U-Net models; 0: off)
 HEAD = "clip"                  # unbounded output, clamped to [0, 20] at inference; or sigmoid, linear
 LOSS = "mse+0.15*ssim+0.05*edge"
 OPTIMIZER = "adamw"
 LR = 1e-3                      # decoder (and every parameter when --encoder_lr is not set)
 ENCODER_LR = 1e-4              # pretrained encoder (3e-4 drifted further from ImageNet and did worse on val)
 WEIGHT_DECAY = 1e-4
-SCHEDULER = "onecycle"         # per step; or cyclic (triangular2), cosine, none
+SCHEDULER = "onecycle"         # per step; or wsd (warm-up, stable, decay), cyclic (triangular2), cosine, none
+DECAY_EPOCHS = None            # wsd: epochs of the final decay (default 20% of the run; 0: constant, to --branch from)
 EMA = 0.998                    # weight averaging per step (0: off); evaluation, figures and best.pth use the average
 BATCH_SIZE = 16
 MAX_EPOCHS = 6                 # (4 on the synthetic quick start); val RMSE rose after ~4 epochs on the real data
@@ -86,6 +89,7 @@ CHANNELS_LAST = "auto"
 EVAL_BATCH_SIZE = 16           # evaluation batches hold at least this many frames (metrics do not depend on it)
 ONE_CYCLE = dict(pct_start=0.3, div_factor=25.0, final_div_factor=1e4)  # torch's OneCycleLR defaults, written out
 CYCLIC = dict(max_factor=5, up_steps=1000, down_steps=2000)  # the ResNet-34 report: lr up to 5x, 1000 up, 2000 down
+WSD = dict(warmup_epochs=1.0, start_factor=1 / 25, decay_fraction=0.2)  # linear warm-up from lr/25; 1-sqrt decay to 0
 SEED_ORDER, SEED_TORCH, SEED_AUG = 100003, 1000, (7919, 101)  # epoch seeds: sample order, torch RNG, augmentation
 
 REPORT_WAY = dict(head="linear", ema=0.0, train_eval_frames=0, augment="none")  # plain 1x1-conv output, plain loss
@@ -116,6 +120,26 @@ RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folde
 STEP_LOG = "loss_steps.csv"  # step, epoch, loss, lr of every training step
 
 
+def check_branch(args, ckpt, source):
+    """A branch trains on from its checkpoint to a longer --max_epochs; with wsd its decay starts at or after the
+    checkpoint, where the source run was still constant, so it equals a run of that length trained from scratch.
+    Its folder defaults to the source's name + _e<max_epochs>, beside the source folder."""
+    done = epochs_done(ckpt)
+    if args.max_epochs is None or args.max_epochs <= done:
+        raise UserError(f"--branch {source}: it has {done} epoch(s) done; give a longer --max_epochs")
+    if args.scheduler == "wsd":
+        saved = SimpleNamespace(**ckpt["args"])
+        own_start = saved.max_epochs - decay_epochs(saved, saved.max_epochs) if saved.scheduler == "wsd" else -1
+        start = args.max_epochs - decay_epochs(args, args.max_epochs)
+        if own_start < done or start < done:
+            raise UserError(f"--branch {source}: a wsd branch starts from a checkpoint in the constant phase and "
+                            f"decays after it (decay from epoch {start:g}, checkpoint at epoch {done}, its own run "
+                            + (f"decayed from epoch {own_start:g})" if saved.scheduler == "wsd" else
+                               f"used --scheduler {saved.scheduler})"))
+    if not args.ckpt_name:
+        args.ckpt_name = f"{os.path.basename(os.path.dirname(os.path.abspath(source)))}_e{args.max_epochs}"
+
+
 def get_parser():
     p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
@@ -125,6 +149,8 @@ def get_parser():
     a("--pretrained", action=argparse.BooleanOptionalAction, default=PRETRAINED,
       help="ImageNet encoder weights (--no-pretrained: from scratch)")
     a("--encoder-weights", "--encoder_weights", dest="encoder_weights", default=None, help="local encoder state dict")
+    a("--drop_path", type=flag_range(float, 0, 1, below=True), default=DROP_PATH,
+      help="stochastic depth rate in the encoder (U-Net models; a regulariser)")
     a("--head", default=HEAD, choices=HEADS, help="output layer (model.py); the loss is clip-aware with clip only")
     a("--loss", default=LOSS, help="loss spec: WEIGHT*TERM joined by '+' (losses.py)")
     a("--optimizer", default=OPTIMIZER, choices=["adam", "adamw"], help="optimizer")
@@ -132,7 +158,11 @@ def get_parser():
     a("--encoder_lr", type=non_negative_float, default=ENCODER_LR,
       help="encoder learning rate (resnet34_report trains the whole model at --lr)")
     a("--weight_decay", type=non_negative_float, default=WEIGHT_DECAY, help="weight decay")
-    a("--scheduler", default=SCHEDULER, choices=["onecycle", "cyclic", "cosine", "none"], help="per-step LR schedule")
+    a("--scheduler", default=SCHEDULER, choices=["onecycle", "wsd", "cyclic", "cosine", "none"],
+      help="per-step LR schedule")
+    a("--decay_epochs", type=non_negative_float, default=DECAY_EPOCHS,
+      help=f"wsd: epochs of the final 1-sqrt decay to 0 (default {WSD['decay_fraction']:.0%} of --max_epochs; 0: no "
+           f"decay, a constant run whose epoch checkpoints --branch continues)")
     a("--batch_size", type=positive_int, default=BATCH_SIZE, help="training batch (per process)")
     a("--max_epochs", type=positive_int, default=None,
       help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; "
@@ -156,6 +186,10 @@ def get_parser():
     a("--keep", type=non_negative_int, default=KEEP, help="epoch checkpoints kept besides best.pth and last.pth")
     a("--seed", type=non_negative_int, default=SEED, help="seed of everything random")
     a("--resume", default=None, help="last.pth (or any checkpoint) of a run to continue exactly")
+    a("--branch", default=None,
+      help="a training checkpoint to continue in a NEW run folder with changed flags, e.g. a wsd decay from a constant "
+           "run's epoch checkpoint: --branch RUN/epoch016.pth --max_epochs 20 --decay_epochs 4 (exactly the run "
+           "that --max_epochs 20 --decay_epochs 4 trains from scratch)")
     a("--stop_after_epochs", type=positive_int, default=None,
       help="stop cleanly after this epoch (continue with --resume)")
     a("--workers", type=non_negative_int, default=WORKERS, help="DataLoader workers when the data is not cached")
@@ -210,22 +244,35 @@ def parse_args(argv):
     if pre.list_models or pre.export or pre.summary is not None:
         return pre, None
     ckpt = None
-    if pre.resume:
-        ckpt = load_checkpoint(pre.resume)
+    if pre.resume and pre.branch:
+        raise UserError("--resume continues a run in its folder, --branch continues one in a new folder: pick one")
+    source = pre.resume or pre.branch
+    if source:
+        ckpt = load_checkpoint(source)
         saved, missing = ckpt.get("args"), [k for k in RESUME_KEYS if k not in ckpt]
         if not isinstance(saved, dict) or missing:
-            raise UserError(f"{pre.resume}: not a main.py training checkpoint (no {', '.join(missing) or 'args'} "
-                            f"recorded); it cannot be resumed")
-        parser.set_defaults(**{k: v for k, v in saved.items()
-                               if k not in ("resume", "stop_after_epochs", "list_models")})
+            raise UserError(f"{source}: not a main.py training checkpoint (no {', '.join(missing) or 'args'} "
+                            f"recorded); it cannot be {'resumed' if pre.resume else 'branched'}")
+        not_kept = ("resume", "branch", "stop_after_epochs", "list_models") + (("ckpt_name",) if pre.branch else ())
+        parser.set_defaults(**{k: v for k, v in saved.items() if k not in not_kept})
     elif pre.recipe:
         parser.set_defaults(**RECIPES[pre.recipe])
-    init = load_main_checkpoint(pre.init) if pre.init and not pre.resume else None
+    if pre.init and source:
+        raise UserError("--init starts a new run from a checkpoint's weights; --resume and --branch continue a run "
+                        "with its optimizer and schedule: pick one")
+    init = load_main_checkpoint(pre.init) if pre.init else None
     if init is not None:  # the model it holds, unless a flag asks for another (one line naming what differs)
         parser.set_defaults(**init_model_flags(init))
     args = parser.parse_args(argv)
     if init is not None:
         check_init_flags(args, init)
+    if pre.branch:
+        fixed = [k for k in ("model", "encoder", "head", "drop_path", "folds", "fold", "guard", "train_splits",
+                             "batch_size", "seed") if getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
+        if fixed:
+            raise UserError(f"--branch {pre.branch}: a branch keeps the run's model, data and batches; it cannot "
+                            f"change {', '.join('--' + k for k in fixed)}")
+        check_branch(args, ckpt, pre.branch)
     if pre.recipe and not pre.resume:
         recipe = RECIPES[pre.recipe]
         explicit = sorted(k for k in recipe if getattr(args, k) != recipe[k])
@@ -371,13 +418,35 @@ def cosine_factor(progress):
     return (1 + math.cos(math.pi * min(progress, 1.0))) / 2
 
 
-def make_scheduler(args, optimizer, total_steps):
+def wsd_factor(step, warmup_steps, decay_start, total_steps):
+    """Warmup-stable-decay: linear from WSD's start_factor to 1 over warmup_steps, 1 until decay_start, then 1-sqrt
+    down to 0 at total_steps (Hägele et al. 2024, "Scaling laws and compute-optimal training beyond fixed training
+    durations"). Up to decay_start it does not depend on the length, so one constant run serves every length."""
+    if step < warmup_steps:
+        return WSD["start_factor"] + (1 - WSD["start_factor"]) * step / warmup_steps
+    if step < decay_start:
+        return 1.0
+    return max(0.0, 1.0 - math.sqrt((step - decay_start) / max(1, total_steps - decay_start)))
+
+
+def decay_epochs(args, max_epochs):
+    return WSD["decay_fraction"] * max_epochs if args.decay_epochs is None else args.decay_epochs
+
+
+def make_scheduler(args, optimizer, total_steps, steps_per_epoch, max_epochs):
     """Per-step LR schedule over total_steps (None for none, and for onecycle/cosine with --time_budget: those follow
     the clock instead, see `follow_clock`)."""
     total = max(1, total_steps)
     lrs = [g["lr"] for g in optimizer.param_groups]
     if args.time_budget and args.scheduler in ("onecycle", "cosine"):
         return None
+    if args.scheduler == "wsd":
+        decay_start = total - round(decay_epochs(args, max_epochs) * steps_per_epoch)
+        shape = functools.partial(wsd_factor, warmup_steps=max(1, round(WSD["warmup_epochs"] * steps_per_epoch)),
+                                  decay_start=decay_start, total_steps=total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
+        scheduler.total_steps = total  # kept in its state_dict: a resumed run checks its length like onecycle's
+        return scheduler
     if args.scheduler == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total, **ONE_CYCLE)
     if args.scheduler == "cyclic":
@@ -474,12 +543,14 @@ def build_run(args, env, data, ckpt):
     """Everything that changes while training (model, its average, optimizer, schedule, counters, history), made from
     the arguments, or from a checkpoint to continue it exactly."""
     if ckpt is not None:
-        net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], args.resume)
+        source = args.resume or args.branch
+        net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], source)
     elif args.init:
         net = model_from_init(args, env, data)
     else:
         net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
-                          encoder_weights=args.encoder_weights, head=args.head)
+                          encoder_weights=args.encoder_weights, head=args.head,
+                          **({"drop_path": args.drop_path} if args.drop_path else {}))
     freeze_encoder(net, args.freeze)
     depthwise_fp32_in_training(net)  # CPU bf16 only: faster backward
     net.to(env.device)
@@ -487,7 +558,7 @@ def build_run(args, env, data, ckpt):
         net.to(memory_format=torch.channels_last)
     ema_net = copy.deepcopy(net).eval().requires_grad_(False) if args.ema > 0 else None
     if ema_net is not None and ckpt is not None and ckpt.get("train_state_dict"):  # checked like the raw weights
-        ema_net.load_state_dict(model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.resume).state_dict())
+        ema_net.load_state_dict(model_from_checkpoint(ckpt["model"], ckpt["state_dict"], source).state_dict())
     max_epochs = epochs_to_run(args, data.synthetic)
     optimizer = make_optimizer(args, net)
     model = torch.nn.parallel.DistributedDataParallel(net) if env.world > 1 else net
@@ -495,16 +566,21 @@ def build_run(args, env, data, ckpt):
         args=args, net=net, ema_net=ema_net, eval_net=ema_net if ema_net is not None else net,
         model=compiled(model) if args.compile else model, optimizer=optimizer,
         base_lrs=[g["lr"] for g in optimizer.param_groups],
-        scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs),
+        scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs, data.steps_per_epoch,
+                                 max_epochs),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),
         loss_fn=build_loss(args.loss, args.head == "clip"), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None,
         train_seconds=0.0, best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,
         train_hw=list(data.train_hw), step_log=[])
     if ckpt is not None:
-        restore_training_state(run, ckpt, args.resume)
-        run.dir = os.path.dirname(os.path.abspath(args.resume))
-        env.log(f"resumed {args.resume}: {run.epoch} epoch(s) done, step {run.step}")
-    elif env.main:
+        restore_training_state(run, ckpt, args.resume or args.branch)
+        if args.resume:
+            run.dir = os.path.dirname(os.path.abspath(args.resume))
+        else:  # a branch's best.pth is the best of its own evaluations
+            run.best = {"val_rmse": float("inf"), "epoch": None}
+        env.log(f"{'resumed' if args.resume else 'branched from'} {args.resume or args.branch}: {run.epoch} epoch(s) "
+                f"done, step {run.step}")
+    if args.resume is None and env.main:
         run.dir = new_run_dir(args)
         atomic_write(os.path.join(run.dir, RUN_MARKER), lambda f: f.write(b"a main.py run folder\n"))
     if env.world > 1:
@@ -590,7 +666,9 @@ def restore_training_state(run, ckpt, source):
             length = lambda sched: getattr(sched, "total_steps", getattr(sched, "T_max", None))
             planned = length(run.scheduler)
             run.scheduler.load_state_dict(ckpt["scheduler"])
-            if length(run.scheduler) != planned:
+            if run.args.branch and run.args.scheduler == "wsd":  # a branch lays out its own length
+                run.scheduler.total_steps = planned
+            elif length(run.scheduler) != planned:
                 raise UserError(f"{source}: its {run.args.scheduler} schedule was laid out over "
                                 f"{length(run.scheduler)} steps, and --max_epochs {run.max_epochs} asks for {planned}; "
                                 f"a resumed run keeps its length (train longer in a new run)")
@@ -853,7 +931,8 @@ def write_fold_result(run, data, env):
     result = {"fold": args.fold, "folds": args.folds, "guard": args.guard,
               "held_out": [data.val.names[0], data.val.names[-1]], "n_train": len(data.train),
               "n_held_out": len(data.val), "epochs": last["epoch"], "train_minutes": last["train_minutes"],
-              "rmse": last["val_rmse"], "ssim": last["val_ssim"],
+              "rmse": last["val_rmse"], "ssim": last["val_ssim"], "scheduler": args.scheduler,
+              "decay_from": run.max_epochs - decay_epochs(args, run.max_epochs) if args.scheduler == "wsd" else None,
               **{k: v for k, v in last.items() if k.startswith("val_")}}
     atomic_write(os.path.join(run.dir, "result.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
     env.log(f"fold {args.fold}/{args.folds} done: held-out RMSE {last['val_rmse']:.4f} SSIM {last['val_ssim']:.4f} "
@@ -938,24 +1017,6 @@ def cross_validate(args, argv):
     return 0
 
 
-def mean_std(xs):
-    """Mean and sample standard deviation (0 for one value)."""
-    mean = sum(xs) / len(xs)
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
-
-
-def cv_table(results):
-    """Markdown: one row per fold, then mean and sample standard deviation over folds."""
-    lines = ["| fold | held-out frames | train frames | epochs | train min | RMSE | SSIM |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['fold']} | {r['held_out'][0]}..{r['held_out'][1]} ({r['n_held_out']}) | {r['n_train']} | "
-                     f"{r['epochs']} | {r['train_minutes']:.1f} | {r['rmse']:.3f} | {r['ssim']:.3f} |")
-    rmse, ssim_ = mean_std([r["rmse"] for r in results]), mean_std([r["ssim"] for r in results])
-    lines.append(f"| mean ± std | | | | | {rmse[0]:.3f} ± {rmse[1]:.3f} | {ssim_[0]:.3f} ± {ssim_[1]:.3f} |")
-    return "\n".join(lines) + "\n"
-
-
 def model_summary(args):
     """--summary [HxW]: the model the flags describe (no pretrained weights needed), stage by stage, layer by layer."""
     hw = None
@@ -980,6 +1041,8 @@ def check_args(args):
         raise UserError(f"--folds must be 2 or more and --fold between 1 and --folds, got {args.folds} and {args.fold}")
     if args.fold is not None and not args.folds:
         raise UserError("--fold needs --folds N")
+    if args.scheduler == "wsd" and args.time_budget:
+        raise UserError("--scheduler wsd runs over --max_epochs; it does not follow --time_budget's clock")
 
 
 def main(argv=None):

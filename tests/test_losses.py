@@ -68,3 +68,14 @@ def test_prediction_past_the_clip_is_right_where_truth_is_at_the_clip():
     total.backward()
     assert parts["mse"].item() == pytest.approx(15 ** 2 / 3)  # only the pixel whose truth is 10 m counts
     assert pred.grad[0, 0, 0, 0].item() == 0.0 and pred.grad[0, 0, 0, 2].item() > 0
+
+
+def test_msgrad_is_the_edge_term_over_four_scales_by_hand():
+    """A residual that is a ramp of slope a along x: at every 2^k-th pixel its x-gradient is a * 2^k and its
+    y-gradient 0, so the four scales average to a * (1 + 2 + 4 + 8) / 4."""
+    gt = torch.rand(2, 1, 32, 48) * 20
+    a = 0.01
+    ramp = a * torch.arange(48.0).view(1, 1, 1, 48).expand(2, 1, 32, 48)
+    total, parts = build_loss("msgrad", clip_aware_terms=False)(gt + ramp, gt)
+    assert parts["msgrad"].item() == pytest.approx(a * 15 / 4, rel=1e-4)
+    assert TERMS["msgrad"](gt + ramp, gt, scales=1).item() == pytest.approx(TERMS["edge"](gt + ramp, gt).item())

@@ -1,5 +1,7 @@
 """main.py end to end on tiny synthetic data: outputs, checkpoint format, exact resume, recipes, DDP, errors."""
 import csv
+import functools
+import math
 import os
 import subprocess
 import sys
@@ -291,3 +293,52 @@ def test_export_ships_the_weights_and_the_tta_it_names(two_epoch_run, synthetic_
     flip_default, flip_asked = metrics(out_flip), metrics(best, "--tta", "flip")  # out_flip: fp32, the same weights
     assert flip_default["tta"] == "flip" and flip_default["rmse"] == flip_asked["rmse"]
     assert metrics(out_flip, "--tta", "none")["rmse"] == full["rmse"]  # the flag still wins
+
+
+def test_wsd_factor_by_hand():
+    """Warm-up from 1/25 to 1, constant, then 1 - sqrt(fraction of the decay done), 0 at the end."""
+    f = functools.partial(main_mod.wsd_factor, warmup_steps=10, decay_start=50, total_steps=150)
+    assert f(0) == pytest.approx(0.04) and f(5) == pytest.approx(0.04 + 0.96 * 0.5) and f(10) == 1.0
+    assert f(49) == 1.0 and f(50) == 1.0
+    assert f(75) == pytest.approx(0.5) and f(150) == 0.0 and f(200) == 0.0
+    assert f(100) == pytest.approx(1 - math.sqrt(0.5))
+    constant = functools.partial(main_mod.wsd_factor, warmup_steps=10, decay_start=150, total_steps=150)
+    assert all(constant(s) == 1.0 for s in range(10, 150))
+
+
+def test_wsd_branch_is_the_dedicated_run_bit_for_bit(synthetic_root, tmp_path, capsys):
+    """A 2-epoch branch (1 epoch of decay) from epoch 1 of a constant run trains exactly the run that the same length
+    trains from scratch: every weight and every metric equal, the source run untouched."""
+    common = ["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep", "9",
+              "--evaluate_every", "1"] + FAST
+    assert main_mod.main(common + ["--ckpt_name", "const", "--max_epochs", "2", "--decay_epochs", "0"]) == 0
+    assert main_mod.main(common + ["--ckpt_name", "dedicated", "--max_epochs", "2", "--decay_epochs", "1"]) == 0
+    source = tmp_path / "const" / "epoch001.pth"
+    before = source.read_bytes()
+    assert main_mod.main(["--branch", str(source), "--max_epochs", "2", "--decay_epochs", "1"]) == 0
+    assert "branched from" in capsys.readouterr().out and source.read_bytes() == before
+    branch, dedicated = (torch.load(tmp_path / n / "last.pth", weights_only=True) for n in ("const_e2", "dedicated"))
+    for key in ("state_dict", "train_state_dict"):
+        assert all(torch.equal(branch[key][k], dedicated[key][k]) for k in dedicated[key])
+    timing = ("images_per_s", "train_minutes")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in branch["history"]] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in dedicated["history"]]
+    assert [h["lr"] for h in branch["history"]] == [1e-3, 0.0]  # the constant LR, then the decay's end
+    const = torch.load(tmp_path / "const" / "epoch002.pth", weights_only=True)
+    assert not all(torch.equal(const["state_dict"][k], branch["state_dict"][k]) for k in branch["state_dict"])
+
+
+def test_branch_refusals_are_one_line(synthetic_root, tmp_path, capsys):
+    common = ["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep", "9"] + FAST
+    assert main_mod.main(common + ["--ckpt_name", "decayed", "--max_epochs", "2", "--decay_epochs", "1.5",
+                                   "--evaluate_every", "1"]) == 0
+    capsys.readouterr()
+    epoch1, last = str(tmp_path / "decayed" / "epoch001.pth"), str(tmp_path / "decayed" / "last.pth")
+    for argv, words in [(["--branch", last, "--max_epochs", "2"], "2 epoch(s) done; give a longer --max_epochs"),
+                        (["--branch", epoch1, "--max_epochs", "4", "--decay_epochs", "1"], "its own run decayed from "
+                                                                                          "epoch 0.5"),
+                        (["--branch", epoch1, "--max_epochs", "4", "--model", "unet"], "cannot change --model"),
+                        (["--branch", epoch1, "--resume", last], "pick one")]:
+        assert main_mod.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and words in err, err

@@ -239,3 +239,22 @@ def test_compiled_falls_back_to_eager_when_compiling_fails():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     x = torch.rand(1, 3, 8, 8)
     assert torch.equal(model_lib.compiled(net, backend=broken_backend)(x), net(x))
+
+
+def test_drop_path_is_stochastic_in_training_and_identity_at_inference():
+    """--drop_path: timm's stochastic depth inside the encoder, recorded in the config so the checkpoint rebuilds it;
+    at inference the model is the same function as without it (same weights)."""
+    torch.manual_seed(0)
+    net = model_lib.build_model("effnet_unet", drop_path=0.3)
+    rates = [m.drop_prob for m in net.encoder.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.3, abs=0.03) and net.config["drop_path"] == 0.3
+    plain = model_lib.build_model("effnet_unet")
+    plain.load_state_dict(net.state_dict())
+    rgb = torch.rand(2, 3, 64, 96)
+    net.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(net(rgb), plain(rgb))
+        net.train()
+        assert not torch.equal(net(rgb), net(rgb))
+    rebuilt = model_lib.build_model(**net.config)
+    assert [m.drop_prob for m in rebuilt.encoder.modules() if type(m).__name__ == "DropPath"] == rates

@@ -1,0 +1,127 @@
+"""Block cross-validation tables: the per-fold table of one recipe, and the length curve of wsd branches.
+
+    python crossval.py CV_DIR      # the length curve of a wsd cross-validation folder -> CV_DIR/length.md, length.png
+
+A length curve (docs/length.md): each fold trains one constant-LR run (`--scheduler wsd --decay_epochs 0`, folder
+foldK), and each length L is a branch decayed from one of its epoch checkpoints (`--branch foldK/epochNNN.pth
+--max_epochs L --decay_epochs D`, folder foldK_eL): exactly the run of length L trained from scratch, at a fraction
+of the cost. A row is each fold's held-out RMSE / SSIM at the branch's last evaluation; nothing is selected on the
+held-out block.
+"""
+import csv
+import json
+import math
+import os
+import re
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from utils import atomic_write  # noqa: E402
+
+
+def mean_std(xs):
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(xs) / len(xs)
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+
+
+def cv_table(results):
+    """Markdown: one row per fold, then mean and sample standard deviation over folds."""
+    lines = ["| fold | held-out frames | train frames | epochs | train min | RMSE | SSIM |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['fold']} | {r['held_out'][0]}..{r['held_out'][1]} ({r['n_held_out']}) | {r['n_train']} | "
+                     f"{r['epochs']} | {r['train_minutes']:.1f} | {r['rmse']:.3f} | {r['ssim']:.3f} |")
+    rmse, ssim_ = mean_std([r["rmse"] for r in results]), mean_std([r["ssim"] for r in results])
+    lines.append(f"| mean ± std | | | | | {rmse[0]:.3f} ± {rmse[1]:.3f} | {ssim_[0]:.3f} ± {ssim_[1]:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_length_runs(cv_dir):
+    """({length: {fold: result.json of the branch}}, {fold: [(epoch, val_rmse, val_ssim) of the constant run]})."""
+    branches, constant = {}, {}
+    for name in sorted(os.listdir(cv_dir)):
+        folder = os.path.join(cv_dir, name)
+        m = re.fullmatch(r"fold(\d+)(?:_e(\d+))?", name)
+        if not m or not os.path.isdir(folder):
+            continue
+        fold = int(m.group(1))
+        if m.group(2) and os.path.exists(os.path.join(folder, "result.json")):
+            with open(os.path.join(folder, "result.json")) as f:
+                branches.setdefault(int(m.group(2)), {})[fold] = json.load(f)
+        elif not m.group(2) and os.path.exists(os.path.join(folder, "metrics.csv")):
+            with open(os.path.join(folder, "metrics.csv")) as f:
+                constant[fold] = [(int(r["epoch"]), float(r["val_rmse"]), float(r["val_ssim"]))
+                                  for r in csv.DictReader(f) if r.get("val_rmse")]
+    return branches, constant
+
+
+def length_table(branches, constant):
+    """Markdown: per length, each fold's held-out RMSE / SSIM after the decay, mean ± std over the folds present;
+    then the constant runs' own evaluations (the averaged weights before any decay)."""
+    folds = sorted({k for runs in branches.values() for k in runs} | set(constant))
+    head = "| length (epochs) | decay from | " + " | ".join(f"fold {k} RMSE / SSIM" for k in folds)
+    lines = [head + " | RMSE mean ± std | SSIM mean ± std |", "|---" * (len(folds) + 4) + "|"]
+    for length in sorted(branches):
+        runs = branches[length]
+        cells = [f"{runs[k]['rmse']:.3f} / {runs[k]['ssim']:.3f}" if k in runs else "—" for k in folds]
+        rmse, ssim_ = mean_std([r["rmse"] for r in runs.values()]), mean_std([r["ssim"] for r in runs.values()])
+        start = {r.get("decay_from") for r in runs.values()} - {None}
+        lines.append(f"| {length} | {', '.join(f'{s:g}' for s in sorted(start)) or '?'} | " + " | ".join(cells)
+                     + f" | {rmse[0]:.3f} ± {rmse[1]:.3f} | {ssim_[0]:.3f} ± {ssim_[1]:.3f} |")
+    if constant:
+        lines += ["", "The constant-LR runs' own evaluations (EMA weights, no decay):", "",
+                  "| epoch | " + " | ".join(f"fold {k} RMSE / SSIM" for k in sorted(constant)) + " |",
+                  "|---" * (len(constant) + 1) + "|"]
+        epochs = sorted({e for rows in constant.values() for e, _, _ in rows})
+        for e in epochs:
+            by_fold = {k: {r[0]: r for r in rows} for k, rows in constant.items()}
+            cells = [f"{by_fold[k][e][1]:.3f} / {by_fold[k][e][2]:.3f}" if e in by_fold[k] else "—"
+                     for k in sorted(constant)]
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_length_curve(branches, constant, path):
+    """Held-out RMSE and SSIM against length: decayed branches (mean ± std over folds) and the constant runs."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, col in ((axes[0], "rmse", 1), (axes[1], "ssim", 2)):
+        for k, rows in sorted(constant.items()):
+            ax.plot([r[0] for r in rows], [r[col] for r in rows], ":", marker=".", label=f"fold {k}, constant LR")
+        lengths = sorted(branches)
+        if lengths:
+            stats = [mean_std([r[key] for r in branches[n].values()]) for n in lengths]
+            ax.errorbar(lengths, [m for m, _ in stats], yerr=[s for _, s in stats], fmt="-o", color="k", capsize=3,
+                        label="after the decay (mean ± std over folds)")
+        ax.set_xlabel("training length (epochs)")
+        ax.set_ylabel(f"held-out {key.upper()}" + (" (m)" if key == "rmse" else ""))
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not os.path.isdir(argv[0]):
+        print("usage: python crossval.py CV_DIR (a folder of foldK constant runs and foldK_eL branches)",
+              file=sys.stderr)
+        return 2
+    branches, constant = read_length_runs(argv[0])
+    if not branches and not constant:
+        print(f"error: {argv[0]}: no foldK/metrics.csv or foldK_eL/result.json here", file=sys.stderr)
+        return 2
+    table = length_table(branches, constant)
+    atomic_write(os.path.join(argv[0], "length.md"), lambda f: f.write(table.encode()))
+    plot_length_curve(branches, constant, os.path.join(argv[0], "length.png"))
+    print(table + f"wrote {argv[0]}/length.md and length.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
