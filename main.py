@@ -743,6 +743,7 @@ def repair_run_dir(run, env):
     if not env.main:
         return
     remove_stale_temps(run.dir)
+    write_step_log(run)  # a kill after the log's write but before last.pth's would leave it steps ahead
     if not run.in_epoch and run.best["epoch"] == run.epoch:  # only a resumed run has a best epoch here
         try:
             best = load_checkpoint(os.path.join(run.dir, "best.pth"))
@@ -914,9 +915,11 @@ def write_csv(path, rows):
 def write_step_log(run):
     """STEP_LOG in the run folder: the training loss of every step (this process's batch mean, before the step's
     update) and the decoder LR after it, written from the checkpointed record: exact across --resume."""
+    path = os.path.join(run.dir, STEP_LOG)
     if run.step_log:
-        rows = [dict(zip(("step", "epoch", "loss", "lr"), r)) for r in run.step_log]
-        write_csv(os.path.join(run.dir, STEP_LOG), rows)
+        write_csv(path, [dict(zip(("step", "epoch", "loss", "lr"), r)) for r in run.step_log])
+    elif os.path.exists(path):  # a run of ours killed before its first checkpoint: its steps are run again
+        os.remove(path)
 
 
 def prune_epoch_files(run_dir, keep):
