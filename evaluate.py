@@ -74,9 +74,10 @@ def get_parser():
     a("--head", default="clip", choices=HEADS, help="head for a bare state dict")
     a("--batch_size", type=positive_int, default=BATCH_SIZE, help="frames per batch (metrics do not depend on it "
                                                                  "except with --protocol course)")
-    a("--protocol", default="split", choices=["split", "course"],
+    a("--protocol", default="split", choices=["split", "course", "resnet34_224"],
       help="split: over all pixels of the split (batch-size independent); "
-      "course: mean over batches of per-batch RMSE/SSIM")
+      "course: mean over batches of per-batch RMSE/SSIM; resnet34_224: the ResNet-34 report's scoring, image and "
+      "depth resized and centre-cropped to 224x224 first, then as split (not comparable with 144x256 scores)")
     a("--tta", default=None, choices=["none", "flip"],
       help="flip: average with the horizontally flipped prediction (default: what the checkpoint names, else none)")
     a("--out", default=None, help="write the metrics as JSON here")
@@ -143,6 +144,22 @@ def evaluate_batches(model, batches, device, amp_dtype=None, channels_last=False
                 on_batch(pred_m, depth_m, sums, batch)
     model.train(was_training)
     return total
+
+
+def resize_center_crop(x, resize_hw, crop_hw):
+    """torchvision's Resize(resize_hw) then CenterCrop(crop_hw) on [B,C,H,W] (image or depth): the antialiased
+    bilinear resize of `fit_input`, then the centred crop_hw window (torchvision's rounding)."""
+    x = fit_input(x, resize_hw)
+    top, left = int(round((x.shape[-2] - crop_hw[0]) / 2)), int(round((x.shape[-1] - crop_hw[1]) / 2))
+    return x[..., top:top + crop_hw[0], left:left + crop_hw[1]]
+
+
+def report_224_batches(batches):
+    """--protocol resnet34_224: the ResNet-34 report's Resize((224, 224)) + CenterCrop((224, 224)) of image and depth
+    (the crop keeps all of a 224x224 resize: the frame is squeezed, not cut); batches otherwise as they come."""
+    for rgb, depth_m, *rest in batches:
+        yield resize_center_crop(rgb, (224, 224), (224, 224)), resize_center_crop(depth_m, (224, 224), (224, 224)), \
+            *rest
 
 
 def frame_batches(ds, batch_size, indices=None, progress=False):
@@ -343,12 +360,17 @@ def run(args):
                     save_point_cloud(args.save_dir, ds.names[i], pred, batch[0][j], (args.fov, args.intrinsics))
 
     batches = frame_batches(ds, args.batch_size, progress=sys.stderr.isatty())
+    if args.protocol == "resnet34_224":
+        batches = report_224_batches(batches)
     total = evaluate_batches(compiled(net) if args.compile else net, batches, device, amp_dtype, channels_last,
                              args.tta == "flip", on_batch=on_batch)
     if ds.has_depth:
-        if args.protocol == "split":
+        if args.protocol != "course":
             metrics = summarize(total)
             what = "split: over all pixels of all frames (batch-size independent)"
+            if args.protocol == "resnet34_224":
+                what = ("resnet34_224: image and depth resized to 224x224 (the report's Resize + CenterCrop), then "
+                        "over all pixels (not comparable with scores at the frames' own size)")
         else:
             metrics = {k: float(np.mean([b[k] for b in per_batch])) for k in METRIC_NAMES}
             what = f"course: mean over {len(per_batch)} batches of {args.batch_size} of per-batch metrics"

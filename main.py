@@ -7,8 +7,9 @@
     python main.py --resume runs/effnet_unet/last.pth
     torchrun --nproc_per_node 2 main.py ...          # several GPUs (or CPU processes on gloo)
 
-Every --evaluate_every epochs: RMSE/SSIM on train and val, a row in metrics.csv, curves.png,
-figures of fixed val images, last.pth and (on a new best val RMSE) best.pth in the run folder.
+Every --evaluate_every epochs: RMSE/SSIM on train and val, a row in metrics.csv, curves.png (with the loss per
+step of loss_steps.csv), figures of fixed val frames and a train frame, last.pth and (on a new best val RMSE) best.pth
+in the run folder.
 
 The run, top to bottom: `train` sets up the process (`setup`), reads the data (`load_data`), builds the run
 from the arguments or a checkpoint (`build_run`), then loops over epochs: `train_one_epoch`, `evaluate_and_save`.
@@ -22,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -40,9 +42,9 @@ import synthetic
 from crossval import cv_table
 from evaluate import evaluate_batches, frame_batches
 from losses import build_loss
-from model import (HEADS, build_model, compiled, depthwise_fp32_in_training, export_model, fit_input,
-                   freeze_encoder, list_models, load_checkpoint, model_from_checkpoint, param_groups, predict_depth,
-                   save_checkpoint)
+from model import (HEADS, build_model, checkpoint_train_hw, compiled, depthwise_fp32_in_training, export_model,
+                   fit_input, freeze_encoder, list_models, load_checkpoint, load_main_checkpoint, model_from_checkpoint,
+                   param_groups, predict_depth, save_checkpoint, summary_text)
 from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
                    non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
                    remove_stale_temps, seed_everything, summarize, visualize_img)
@@ -69,7 +71,7 @@ TIME_BUDGET = None             # minutes of training (evaluation excluded); the 
 EVALUATE_EVERY = 2             # epochs
 VISUALIZE_EVERY = 500          # steps
 AUGMENT = "flip+jitter"        # 'none' or any of dataset.AUGMENTS joined by '+' (flip, jitter, geo, photo, cutout)
-FREEZE = "none"                # none, stem, encoder: encoder parts with no gradient and batch norm in eval mode
+FREEZE = "none"                # none, stem, stageK (up to encoder stage K: --summary), encoder: no gradient, BN in eval
 TRAIN_EVAL_FRAMES = 500        # train-split metrics on this many evenly spaced frames (0 = all)
 KEEP = 2                       # epoch checkpoints kept besides best.pth and last.pth
 SEED = 0
@@ -104,8 +106,9 @@ RECIPE_GAPS = {  # what a recipe cannot reproduce as the report did it; printed 
                         "AdamW's weight decay and OneCycle's settings are not in the report: torch's defaults "
                         "(0.01; pct_start 0.3, cosine)"],
     "resnet34_report": ["the report trains and scores at 224x224; here the 224x224 prediction is resized back and "
-                        "scored at the frames' 144x256",
-                        "the report freezes 'the first layers' without naming them: the stem (conv1, bn1) here"],
+                        "scored at the frames' 144x256 (the report's way: evaluate.py --protocol resnet34_224)",
+                        "the report freezes 'the first layers' without naming them: the stem (conv1, bn1) here "
+                        "(--freeze stage1 .. stage4 freezes more)"],
     "both": ["ImageNet encoder weights come from timm's download (or --encoder-weights PATH); offline, "
              "--no-pretrained trains from scratch, which the reports did not",
              "the reports trained on a GPU (the ConvNeXt one names an NVIDIA L4); on a CPU their epochs take days",
@@ -114,6 +117,7 @@ RECIPE_GAPS = {  # what a recipe cannot reproduce as the report did it; printed 
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
 RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch", "step", "best", "history", "rng")
 RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folder with it is ever continued
+STEP_LOG = "loss_steps.csv"  # step, epoch, loss, lr of every training step
 
 
 def check_branch(args, ckpt, source):
@@ -172,7 +176,9 @@ def get_parser():
     a("--visualize_every", type=non_negative_int, default=VISUALIZE_EVERY,
       help="steps between val figures (0: at evaluations only)")
     a("--augment", default=AUGMENT, help=f"'none' or '+'-joined: {', '.join(ds_lib.AUGMENTS)} (dataset.py)")
-    a("--freeze", default=FREEZE, choices=["none", "stem", "encoder"], help="encoder parts kept frozen")
+    a("--freeze", default=FREEZE, type=freeze_choice,
+      help="encoder parts kept frozen: none, stem, stageK (the encoder up to and including stage K, as --summary "
+           "lists them) or encoder")
     a("--train_eval_frames", type=non_negative_int, default=TRAIN_EVAL_FRAMES,
       help="train metrics on this many frames (0: all)")
     a("--ckpt_dir", default=CKPT_DIR, help="folder of run folders")
@@ -206,6 +212,12 @@ def get_parser():
     a("--train_splits", default=TRAIN_SPLITS, help="splits to train on, joined by '+' (e.g. train+val to ship a "
                                                    "recipe chosen by --folds; val metrics then score training frames)")
     a("--list-models", "--list_models", dest="list_models", action="store_true", help="list the models and exit")
+    a("--summary", nargs="?", const="", default=None, metavar="HxW",
+      help="print the model's encoder stages and decoder layers (output shape, parameters) and its FLOPs per image "
+           "at HxW (default: its fixed input size, else 144x256), and exit")
+    a("--init", default=None, metavar="CKPT",
+      help="start a new run from a checkpoint's weights (fine-tuning): fresh optimizer, schedule and run folder; "
+           "the model flags default to the checkpoint's")
     a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
       help="write a shippable copy of a checkpoint and exit; OUT's suffix picks the format: .pth a slim checkpoint "
       "(evaluated weights and the run's record, no optimizer state), .pt TorchScript, .onnx ONNX (graphs of "
@@ -218,11 +230,18 @@ def get_parser():
     return p
 
 
+def freeze_choice(text):
+    if text not in ("none", "stem", "encoder") and not re.fullmatch(r"stage\d+", text):
+        raise argparse.ArgumentTypeError(f"must be none, stem, stageK (K a number: --summary lists the stages) or "
+                                         f"encoder, got {text!r}")
+    return text
+
+
 def parse_args(argv):
     """(args, the --resume checkpoint or None). A resumed run continues with the arguments it was started with."""
     parser = get_parser()
     pre, _ = parser.parse_known_args(argv)
-    if pre.list_models or pre.export:
+    if pre.list_models or pre.export or pre.summary is not None:
         return pre, None
     ckpt = None
     if pre.resume and pre.branch:
@@ -238,7 +257,15 @@ def parse_args(argv):
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in not_kept})
     elif pre.recipe:
         parser.set_defaults(**RECIPES[pre.recipe])
+    if pre.init and source:
+        raise UserError("--init starts a new run from a checkpoint's weights; --resume and --branch continue a run "
+                        "with its optimizer and schedule: pick one")
+    init = load_main_checkpoint(pre.init) if pre.init else None
+    if init is not None:  # the model it holds, unless a flag asks for another (one line naming what differs)
+        parser.set_defaults(**init_model_flags(init))
     args = parser.parse_args(argv)
+    if init is not None:
+        check_init_flags(args, init)
     if pre.branch:
         fixed = [k for k in ("model", "encoder", "head", "drop_path", "folds", "fold", "guard", "train_splits",
                              "batch_size", "seed") if getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
@@ -361,7 +388,8 @@ def load_data(args, env):
         dir=data_dir, synthetic=is_synthetic, train=train_set, val=val_set, stacked=stacked, train_hw=train_hw,
         steps_per_epoch=steps_per_epoch, val_idx=list(range(len(val_set)))[env.rank::env.world],
         train_eval_idx=train_eval_idx[env.rank::env.world], n_train_eval=n_train_eval,
-        fig_idx=sorted({0, len(val_set) // 2, len(val_set) - 1}), eval_batch_size=max(args.batch_size, EVAL_BATCH_SIZE))
+        fig_idx=sorted({0, len(val_set) // 2, len(val_set) - 1}), fig_train_idx=[len(train_set) // 2],
+        eval_batch_size=max(args.batch_size, EVAL_BATCH_SIZE))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -517,6 +545,8 @@ def build_run(args, env, data, ckpt):
     if ckpt is not None:
         source = args.resume or args.branch
         net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], source)
+    elif args.init:
+        net = model_from_init(args, env, data)
     else:
         net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
                           encoder_weights=args.encoder_weights, head=args.head,
@@ -541,7 +571,7 @@ def build_run(args, env, data, ckpt):
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),
         loss_fn=build_loss(args.loss, args.head == "clip"), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None,
         train_seconds=0.0, best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,
-        train_hw=list(data.train_hw))
+        train_hw=list(data.train_hw), step_log=[])
     if ckpt is not None:
         restore_training_state(run, ckpt, args.resume or args.branch)
         if args.resume:
@@ -573,6 +603,34 @@ def build_run(args, env, data, ckpt):
     return run
 
 
+def init_model_flags(ckpt):
+    """The model flags a checkpoint's model answers to (--init takes them as defaults)."""
+    held = ckpt["model"]
+    return {"model": held.get("name"), "encoder": held.get("encoder"), "head": held.get("head")}
+
+
+def check_init_flags(args, init):
+    """--init: one line naming each model flag that asks for another model than the checkpoint holds."""
+    differ = [f"--{k} {getattr(args, k)} (it holds {held})" for k, held in init_model_flags(init).items()
+              if getattr(args, k) is not None and getattr(args, k) != held]
+    if differ:
+        raise UserError(f"--init {args.init}: another model than the flags ask for: {'; '.join(differ)} "
+                        f"(leave those flags out to take the checkpoint's)")
+
+
+def model_from_init(args, env, data):
+    """--init: the model of a checkpoint with its evaluated weights (state_dict: the average with --ema), for a new run
+    (parse_args has checked that the model flags ask for this model)."""
+    ckpt = load_main_checkpoint(args.init)
+    net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.init)
+    hw = checkpoint_train_hw(ckpt)
+    env.log(f"initialised from {args.init} (its evaluated weights, after {epochs_done(ckpt)} epoch(s) of its run); "
+            f"fresh optimizer and schedule" + (f"; it was trained on {hw[0]}x{hw[1]} frames, these are "
+                                               f"{data.train_hw[0]}x{data.train_hw[1]}" if
+                                               tuple(hw) != tuple(data.train_hw) else ""))
+    return net
+
+
 def training_state(run):
     """The checkpoint: the model's description, state_dict (the weights evaluation uses: the average with --ema),
     train_state_dict (the raw weights, --ema only), and all a resume needs. `epoch` counts finished epochs; a run
@@ -588,7 +646,7 @@ def training_state(run):
         "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "best": run.best, "args": dict(vars(run.args)), "history": run.history,
+        "best": run.best, "args": dict(vars(run.args)), "history": run.history, "step_log": run.step_log,
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
                      "torchvision": str(torchvision.__version__)},
     }
@@ -618,6 +676,7 @@ def restore_training_state(run, ckpt, source):
             run.scaler.load_state_dict(ckpt["scaler"])
         run.epoch = epochs_done(ckpt)
         run.step, run.best, run.history = ckpt["step"], ckpt["best"], ckpt["history"]
+        run.step_log = [list(r) for r in ckpt.get("step_log") or []]  # checkpoints before 2026-12 kept none
         run.in_epoch, run.train_seconds = ckpt.get("in_epoch"), float(ckpt.get("train_seconds", 0.0))
         torch.set_rng_state(ckpt["rng"]["torch"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a damaged or hand-made checkpoint
@@ -642,6 +701,7 @@ def save_checkpoints(run, env, names):
                                  f"stopping. {kept_message(run.dir)}")
     if not env.main:
         return
+    write_step_log(run)
     state = training_state(run)
     for name in names:
         path = os.path.join(run.dir, name)
@@ -659,7 +719,7 @@ def holds_run(folder):
     entries = os.listdir(folder) if os.path.isdir(folder) else []
     if RUN_MARKER not in entries:
         return bool(entries)
-    return any(f not in (RUN_MARKER, "metrics.csv", "curves.png", "figures") and not TEMP_NAME.match(f)
+    return any(f not in (RUN_MARKER, "metrics.csv", STEP_LOG, "curves.png", "figures") and not TEMP_NAME.match(f)
                for f in entries)
 
 
@@ -683,6 +743,7 @@ def repair_run_dir(run, env):
     if not env.main:
         return
     remove_stale_temps(run.dir)
+    write_step_log(run)  # a kill after the log's write but before last.pth's would leave it steps ahead
     if not run.in_epoch and run.best["epoch"] == run.epoch:  # only a resumed run has a best epoch here
         try:
             best = load_checkpoint(os.path.join(run.dir, "best.pth"))
@@ -743,7 +804,8 @@ def train_one_epoch(run, data, env, epoch):
             run.train_seconds = t.item()
         follow_clock(run)
         out_of_time = bool(args.time_budget) and run.train_seconds >= 60 * args.time_budget
-        loss_sum += loss.item() * rgb.shape[0]
+        run.step_log.append([run.step, epoch + 1, loss.item(), run.optimizer.param_groups[-1]["lr"]])
+        loss_sum += run.step_log[-1][2] * rgb.shape[0]
         n_seen += rgb.shape[0]
         n_timed += rgb.shape[0]
         if env.main and run.step % 10 == 0:
@@ -785,20 +847,22 @@ def split_metrics(model, split_set, indices, env, batch_size):
 
 
 def save_figures(run, data, env, tag):
-    """input | ground truth | prediction | error of the fixed val frames, by the weights evaluation uses (rank 0)."""
+    """input | ground truth | prediction | error of the fixed val frames and a fixed train frame (unaugmented), by the
+    weights evaluation uses (rank 0): figures/TAG_valNAME.png, figures/TAG_trainNAME.png."""
     if not env.main:
         return
     net = run.eval_net
     was_training = net.training
     net.eval()
     with torch.inference_mode():
-        for i in data.fig_idx:
-            rgb, depth = data.val[i]
+        for split, frames, i in [("val", data.val, i) for i in data.fig_idx] + [("train", data.train, i)
+                                                                              for i in data.fig_train_idx]:
+            rgb, depth = frames[i]
             pred = predict_depth(net, rgb[None].to(env.device), depth.shape[-2:], amp_dtype=env.amp_dtype,
                                  channels_last=env.channels_last)
-            name = data.val.names[i]
-            visualize_img(rgb, depth, pred[0].cpu(), os.path.join(run.dir, "figures", f"{tag}_val{name}.png"),
-                          title=f"{run.args.model} {tag}, val frame {name}")
+            name = frames.names[i]
+            visualize_img(rgb, depth, pred[0].cpu(), os.path.join(run.dir, "figures", f"{tag}_{split}{name}.png"),
+                          title=f"{run.args.model} {tag}, {split} frame {name}")
     net.train(was_training)
 
 
@@ -830,7 +894,7 @@ def evaluate_and_save(run, data, env, out_of_time):
     env.log(" | ".join(text))
     if env.main:
         write_csv(os.path.join(run.dir, "metrics.csv"), run.history)
-        plot_curves([h for h in run.history if "val_rmse" in h], os.path.join(run.dir, "curves.png"))
+        plot_curves([h for h in run.history if "val_rmse" in h], os.path.join(run.dir, "curves.png"), run.step_log)
         save_figures(run, data, env, f"epoch{epoch:03d}")
     save_checkpoints(run, env, ["last.pth", f"epoch{epoch:03d}.pth"] + (["best.pth"] if is_best else []))
     if env.main:
@@ -846,6 +910,16 @@ def write_csv(path, rows):
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def write_step_log(run):
+    """STEP_LOG in the run folder: the training loss of every step (this process's batch mean, before the step's
+    update) and the decoder LR after it, written from the checkpointed record: exact across --resume."""
+    path = os.path.join(run.dir, STEP_LOG)
+    if run.step_log:
+        write_csv(path, [dict(zip(("step", "epoch", "loss", "lr"), r)) for r in run.step_log])
+    elif os.path.exists(path):  # a run of ours killed before its first checkpoint: its steps are run again
+        os.remove(path)
 
 
 def prune_epoch_files(run_dir, keep):
@@ -946,6 +1020,19 @@ def cross_validate(args, argv):
     return 0
 
 
+def model_summary(args):
+    """--summary [HxW]: the model the flags describe (no pretrained weights needed), stage by stage, layer by layer."""
+    hw = None
+    if args.summary:
+        m = re.fullmatch(r"(\d+)x(\d+)", args.summary)
+        if not m or min(int(m[1]), int(m[2])) < 32:
+            raise UserError(f"--summary {args.summary}: give the input size as HxW, both at least 32 (e.g. 144x256)")
+        hw = int(m[1]), int(m[2])
+    net = build_model(args.model, encoder=args.encoder, head=args.head)
+    freeze_encoder(net, args.freeze)
+    return summary_text(net, hw)
+
+
 def check_args(args):
     """Checks that need no data: a malformed spec or fold setting fails before anything is read."""
     for flag, check in (("--loss", build_loss), ("--augment", ds_lib.parse_augment)):
@@ -967,6 +1054,9 @@ def main(argv=None):
         args, ckpt = parse_args(argv)
         if args.list_models:
             print("\n".join(list_models()))
+            return 0
+        if args.summary is not None:
+            print(model_summary(args))
             return 0
         if args.export:
             out = export_model(*args.export, half=args.export_fp16, tta=args.export_tta)

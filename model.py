@@ -95,11 +95,35 @@ def freeze(model, names):
 
 
 def freeze_encoder(model, what):
-    """--freeze: "none", "stem" (the encoder's stem layers, by their timm names) or "encoder" (all of it)."""
+    """--freeze: "none", "stem" (the encoder's stem layers, by their timm names), "encoder" (all of it) or "stageK"
+    (the encoder up to and including its stage K, `encoder_stages`)."""
     if what == "encoder":
         freeze(model, [""])
     elif what == "stem":
         freeze(model, [name for name, _ in model.encoder.named_children() if name in STEM_NAMES])
+    elif what != "none":
+        stages = dict(encoder_stages(model.encoder))
+        if what not in stages:
+            raise UserError(f"--freeze {what}: encoder {model.config.get('encoder')} has stages "
+                            f"{', '.join(stages)}; choose one of them, none, stem or encoder")
+        freeze(model, modules_through(model.encoder, stages[what]))
+
+
+def encoder_stages(encoder):
+    """[(stageK, module name)] of a features_only encoder, shallow to deep: stageK is the module that makes its K-th
+    feature map (timm's feature_info; the first one takes the stem with it). --freeze and --summary use these."""
+    names = {n for n, _ in encoder.named_modules()}
+    return [(f"stage{k}", name if name in names else name.replace(".", "_"))  # FeatureListNet: stages.0 -> stages_0
+            for k, name in enumerate(encoder.feature_info.module_name())]
+
+
+def modules_through(encoder, name):
+    """The outermost encoder submodules registered (timm: run) up to the end of module `name`, itself included."""
+    names = [n for n, _ in encoder.named_modules() if n]
+    inside = lambda n, parent: n == parent or n.startswith(parent + ".")
+    end = max(i for i, n in enumerate(names) if inside(n, name))
+    whole = [n for i, n in enumerate(names) if i <= end and all(j <= end for j, m in enumerate(names) if inside(m, n))]
+    return [n for n in whole if not any(inside(n, p) and n != p for p in whole)]
 
 
 def depthwise_fp32_in_training(model):
@@ -468,6 +492,82 @@ def param_groups(model):
     encoder_params = [p for p in net.encoder.parameters() if p.requires_grad]
     decoder_params = [p for p in net.parameters() if p.requires_grad and id(p) not in encoder_ids]
     return encoder_params, decoder_params
+
+
+# ------------------------------------------------------------------------------------------------
+# the model's shapes: each encoder stage and decoder layer, its output and parameters; FLOPs per image
+
+def decoder_layers(decoder):
+    """[(name, [modules])] of a decoder in the order they run: each convolution (plain or transposed) with the
+    BN/ReLU after it, or each U-Net stem conv and block; the output conv last."""
+    if isinstance(decoder, UNetDecoder):
+        return ([(f"image_stem.{i} conv3x3+BN+ReLU", [m]) for i, m in enumerate(decoder.image_stem)]
+                + [(f"blocks.{i} upsample+concat+block", [m]) for i, m in enumerate(decoder.blocks)]
+                + [("out conv1x1", [decoder.out])])
+    groups = []
+    for i, m in enumerate(decoder.layers):
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) or not groups:
+            kind = f"ConvTranspose2d {m.kernel_size[0]}x{m.kernel_size[1]}/{m.stride[0]}" \
+                if isinstance(m, nn.ConvTranspose2d) else f"Conv2d {m.kernel_size[0]}x{m.kernel_size[1]}"
+            groups.append([f"layers.{i} {kind}", [m]])
+        else:
+            groups[-1][0] += "+BN" if isinstance(m, nn.BatchNorm2d) else "+ReLU" if isinstance(m, nn.ReLU) else ""
+            groups[-1][1].append(m)
+    return [tuple(g) for g in groups] + [("out conv1x1", [decoder.out])]
+
+
+def model_summary(net, hw=None):
+    """(rows, input size, FLOPs per image) of one forward pass at hw (default: the model's fixed input size, else
+    the training frame's TRAIN_HW). rows: dicts part, name, shape (C, H, W), params; encoder stages hold their
+    modules' parameters (stage0 the stem's too). FLOPs: torch.utils.flop_counter's count of convolutions and
+    matrix products (a multiply-add is 2 FLOPs; batch norm, activations and resizing are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    hw = tuple(net.input_size or hw or TRAIN_HW)
+    params = lambda modules: sum(p.numel() for p in {id(p): p for m in modules for p in m.parameters()}.values())
+    rows, shapes, counted, names, start = [], {}, set(), [n for n, _ in net.encoder.named_modules() if n], 0
+    for stage, name in encoder_stages(net.encoder):
+        through = modules_through(net.encoder, name)
+        tensors = {id(p): p for n in through for p in net.encoder.get_submodule(n).parameters()}
+        first = names[start]  # the first module after the previous stage
+        start = max(i for i, n in enumerate(names) if n == name or n.startswith(name + ".")) + 1
+        rows.append({"part": "encoder", "name": f"{stage} {first}..{name}" if first != name else f"{stage} {name}",
+                     "module": net.encoder.get_submodule(name),
+                     "params": sum(p.numel() for i, p in tensors.items() if i not in counted)})
+        counted = set(tensors)
+    for name, mods in decoder_layers(net.decoder):
+        rows.append({"part": "decoder", "name": name, "module": mods[-1], "params": params(mods)})
+    rows.append({"part": "output", "name": f"depth (head {net.head}, at the input's size)", "module": net,
+                 "params": 0})
+    def record(key, _module, _inputs, out):
+        shapes.setdefault(key, tuple(out.shape[1:]))  # returns None: the output is left as it is
+    hooks = [row["module"].register_forward_hook(functools.partial(record, id(row))) for row in rows]
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(torch.zeros(1, 3, *hw))
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+    return [dict(part=r["part"], name=r["name"], shape=shapes[id(r)], params=r["params"]) for r in rows], hw, \
+        counter.get_total_flops()
+
+
+def summary_text(net, hw=None):
+    """--summary: model_summary as a table."""
+    rows, hw, flops = model_summary(net, hw)
+    size = "its fixed input size: frames are resized to it" if net.input_size else "any size works"
+    lines = [f"model {net.config.get('name')} (encoder {net.config.get('encoder')}), input 3x{hw[0]}x{hw[1]} ({size})",
+             f"{'part':<8} {'layer':<44} {'output C x H x W':>18} {'params':>12}"]
+    for r in rows:
+        c, h, w = r["shape"]
+        lines.append(f"{r['part']:<8} {r['name']:<44} {f'{c} x {h} x {w}':>18} {r['params']:>12,}")
+    total = sum(p.numel() for p in net.parameters())
+    lines.append(f"total {total:,} parameters ({sum(p.numel() for p in net.parameters() if p.requires_grad):,} "
+                 f"trainable); {flops / 1e9:.2f} GFLOPs per image (convolutions and matrix products, a multiply-add "
+                 f"= 2 FLOPs)")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -218,21 +218,41 @@ def visualize_img(rgb, depth, pred, path, title=None):
         atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
-def plot_curves(history, path):
-    """RMSE and SSIM (train and val) against epoch, saved as a PNG (never blocks)."""
+def smoothed(values, weight=0.95):
+    """Debiased exponential moving average (TensorBoard's smoothing): y_t = sum_k w^(t-k) x_k (1-w) / (1 - w^(t+1))."""
+    out, avg = [], 0.0
+    for t, x in enumerate(values):
+        avg = weight * avg + (1 - weight) * x
+        out.append(avg / (1 - weight ** (t + 1)))
+    return out
+
+
+def plot_curves(history, path, step_log=None):
+    """RMSE and SSIM (train and val) against epoch, and with step_log ([step, epoch, loss, lr] rows) the training
+    loss per step, raw and smoothed (`smoothed`), saved as a PNG (never blocks)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(10, 3.6), dpi=100)
+    n_panels = 3 if step_log else 2
+    fig = Figure(figsize=(5 * n_panels, 3.6), dpi=100)
     FigureCanvasAgg(fig)
     epochs = [h["epoch"] for h in history]
     for i, metric in enumerate(["rmse", "ssim"]):
-        ax = fig.add_subplot(1, 2, i + 1)
+        ax = fig.add_subplot(1, n_panels, i + 1)
         for split, style in [("train", "o--"), ("val", "o-")]:
             ys = [h.get(f"{split}_{metric}") for h in history]
             if any(y is not None for y in ys):
                 ax.plot(epochs, ys, style, label=split)
         ax.set_xlabel("epoch")
         ax.set_title(metric.upper() + (" (m, lower is better)" if metric == "rmse" else " (higher is better)"))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if step_log:
+        ax = fig.add_subplot(1, n_panels, 3)
+        steps, losses = [r[0] for r in step_log], [r[2] for r in step_log]
+        ax.plot(steps, losses, lw=0.6, alpha=0.35, color="C0", label="per step")
+        ax.plot(steps, smoothed(losses), lw=1.5, color="C0", label="smoothed (EMA 0.95)")
+        ax.set_xlabel("step")
+        ax.set_title("training loss")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

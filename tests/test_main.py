@@ -43,7 +43,53 @@ def test_two_epochs_write_everything(two_epoch_run):
     assert [r["epoch"] for r in rows] == ["1", "2"] and rows[-1]["val_rmse"] and rows[-1]["train_ssim"]
     assert 0 < float(rows[-1]["val_rmse"]) < 20 and -1 <= float(rows[-1]["val_ssim"]) <= 1
     figs = os.listdir(os.path.join(two_epoch_run, "figures"))
-    assert len([f for f in figs if f.startswith("epoch002_")]) == 3
+    assert len([f for f in figs if f.startswith("epoch002_val")]) == 3  # val frames 0, 4, 7 of 8
+    assert [f for f in figs if f.startswith("epoch002_train")] == ["epoch002_train12.png"]  # train frame 24 // 2
+
+
+def test_the_loss_per_step_averages_to_the_epochs_train_loss(two_epoch_run):
+    """loss_steps.csv: one row per step (2 epochs of 24 frames / batch 4), whose per-epoch mean is metrics.csv's
+    train_loss (one batch size: the frame-weighted mean is the plain mean)."""
+    steps, rows = read_csv(os.path.join(two_epoch_run, "loss_steps.csv")), read_csv(os.path.join(two_epoch_run,
+                                                                                                  "metrics.csv"))
+    assert [int(r["step"]) for r in steps] == list(range(1, 13))
+    assert [int(r["epoch"]) for r in steps] == [1] * 6 + [2] * 6
+    for row in rows:
+        losses = [float(r["loss"]) for r in steps if r["epoch"] == row["epoch"]]
+        assert sum(losses) / len(losses) == pytest.approx(float(row["train_loss"]), rel=1e-12)
+    assert float(steps[-1]["lr"]) == pytest.approx(float(rows[-1]["lr"]), rel=1e-12)  # the LR after the last step
+    ckpt = load_checkpoint(os.path.join(two_epoch_run, "last.pth"))
+    assert [r[2] for r in ckpt["step_log"]] == [float(r["loss"]) for r in steps]  # the checkpoint keeps it all
+
+
+def test_init_fine_tunes_from_the_checkpoints_weights(two_epoch_run, synthetic_root, tmp_path, capsys):
+    """--init: a new run folder, fresh optimizer and schedule, and its first step's loss is the checkpoint's model's
+    loss on the first batch (computed here independently); another model named by a flag is one line."""
+    import dataset
+    import losses
+    init = os.path.join(two_epoch_run, "last.pth")
+    flags = FAST[FAST.index("--no-pretrained"):] + ["--augment", "none", "--channels_last", "off"]
+    argv = ["--init", init, "--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--max_epochs", "1"] + flags
+    assert main_mod.main(argv) == 0
+    run_dir = tmp_path / "unet_res"  # the model's name, from the checkpoint
+    first = read_csv(run_dir / "loss_steps.csv")[0]
+    ckpt = load_checkpoint(init)
+    net = model_lib.model_from_checkpoint(ckpt["model"], ckpt["state_dict"], init).train()
+    train = dataset.DepthDataset(synthetic_root, split="train")
+    idx = main_mod.epoch_order(len(train), 3, 0, 0, 1)[:4]  # --seed 3, epoch 0, one process; batch 4
+    rgb, depth_m = torch.stack([train[i][0] for i in idx]), torch.stack([train[i][1] for i in idx])
+    loss_fn = losses.build_loss(ckpt["args"]["loss"], clip_aware_terms=True)
+    with torch.no_grad():
+        want = loss_fn(net(rgb), depth_m)[0].item()
+        scratch = loss_fn(model_lib.build_model("unet_res", encoder="resnet18").train()(rgb), depth_m)[0].item()
+    assert float(first["loss"]) == pytest.approx(want, rel=1e-4) and abs(scratch - want) > 0.05 * want
+    new = load_checkpoint(run_dir / "last.pth")
+    assert new["step"] == 6 and [h["epoch"] for h in new["history"]] == [1] and new["args"]["init"] == init
+    assert new["scheduler"]["total_steps"] == 6  # its own one-epoch schedule, not the 12 steps of the first run
+    assert "initialised from" in capsys.readouterr().out
+    assert main_mod.main(argv + ["--model", "effnet_unet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--model effnet_unet (it holds unet_res)" in err
 
 
 def test_checkpoint_reloads_weights_only_into_the_right_model(two_epoch_run, synthetic_root):
@@ -82,6 +128,9 @@ def test_resume_equals_uninterrupted(synthetic_root, tmp_path):
     for a, b in zip(full, cut):
         for key in ("train_loss", "val_rmse", "val_ssim", "train_rmse", "lr"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
+    steps_full, steps_cut = [read_csv(tmp_path / name / "loss_steps.csv") for name in ("full", "cut")]
+    assert [r["step"] for r in steps_full] == [r["step"] for r in steps_cut] == [str(i) for i in range(1, 19)]
+    assert all(float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-6) for a, b in zip(steps_full, steps_cut))
     wa = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["state_dict"]
     wb = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["state_dict"]
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
