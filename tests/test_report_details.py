@@ -96,7 +96,8 @@ def test_freeze_up_to_a_stage_leaves_exactly_those_parameters_without_gradient(n
 
 def test_resize_center_crop_of_a_known_frame():
     """A 144x256 frame whose value is a ramp along x: the report's Resize((224, 224)) + CenterCrop((224, 224))
-    is PIL's antialiased bilinear resize, about the ramp at the new pixel centres; an aspect-keeping Resize((224, 398)) + CenterCrop((224, 224)) keeps columns 87..310."""
+    is PIL's antialiased bilinear resize, about the ramp at the new pixel centres; an aspect-keeping
+    Resize((224, 398)) + CenterCrop((224, 224)) keeps columns 87..310."""
     x = torch.arange(256, dtype=torch.float64)
     frame = (2.0 + 0.05 * x).expand(1, 1, 144, 256).contiguous()
     out = evaluate.resize_center_crop(frame, (224, 224), (224, 224))
