@@ -161,8 +161,8 @@ def get_parser():
     a("--scheduler", default=SCHEDULER, choices=["onecycle", "wsd", "cyclic", "cosine", "none"],
       help="per-step LR schedule")
     a("--decay_epochs", type=non_negative_float, default=DECAY_EPOCHS,
-      help=f"wsd: epochs of the final 1-sqrt decay to 0 (default {100 * WSD['decay_fraction']:g}%% of --max_epochs; 0: no "
-           f"decay, a constant run whose epoch checkpoints --branch continues)")
+      help=f"wsd: epochs of the final 1-sqrt decay to 0 (default {100 * WSD['decay_fraction']:g}%% of --max_epochs; "
+           f"0: no decay, a constant run whose epoch checkpoints --branch continues)")
     a("--batch_size", type=positive_int, default=BATCH_SIZE, help="training batch (per process)")
     a("--max_epochs", type=positive_int, default=None,
       help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; "
