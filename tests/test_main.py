@@ -342,3 +342,11 @@ def test_branch_refusals_are_one_line(synthetic_root, tmp_path, capsys):
         assert main_mod.main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and words in err, err
+
+
+def test_help_formats_and_names_every_flag():
+    """argparse %-formats every help string: a stray % breaks --help for everyone."""
+    parser = main_mod.get_parser()
+    text = parser.format_help()
+    assert all(opt in text for action in parser._actions for opt in action.option_strings)
+    assert "20% of --max_epochs" in text
