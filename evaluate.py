@@ -41,8 +41,8 @@ from dataset import DepthDataset
 from model import (HEADS, checkpoint_train_hw, compiled, find_state_dict, fit_input, load_checkpoint,
                    model_from_checkpoint, predict_depth)
 from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, depth_colors, fast_path, flag_range,
-                   lock_folder, metric_sums, one_line_errors, pick_device, positive_int, refuse_link, remove_stale_temps,
-                   summarize, unlock, visualize_img)
+                   lock_folder, metric_sums, one_line_errors, pick_device, positive_int, refuse_link,
+                   remove_stale_temps, summarize, unlock, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
 HELD_LOCKS = []  # --save_dir locks this process holds

@@ -26,7 +26,7 @@ import evaluate
 import main as main_mod
 import model as model_lib
 import utils
-from conftest import ROOT, message_lines
+from conftest import ROOT, message_lines, small_scenes
 from utils import TEMP_NAME, UserError, atomic_write, lock_folder, unlock
 
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -35,23 +35,13 @@ SMALL = ["--model", "unet_res", "--encoder", "mobilenetv3_small_050", "--no-pret
          "--evaluate_every", "1", "--max_epochs", "2", "--keep", "1"]
 ONE_EPOCH = SMALL[:-4] + ["--max_epochs", "1"]
 QUIET = pytest.mark.filterwarnings("error")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """Synthetic scenes at 48x64: 8 train, 4 val, 4 test frames."""
-    import synthetic
-    path = str(tmp_path_factory.mktemp("h3data"))
-    synthetic.make_dataset(path, n_train=8, n_val=4, n_test=4, seed=2, height=48, width=64, progress=False)
-    return path
+    """Synthetic scenes at 48x64: train 0-7, val 8-11, test 12-15."""
+    return small_scenes(tmp_path_factory, "h3data", 8, seed=2)
 
 
 @pytest.fixture(scope="module")
