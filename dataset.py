@@ -5,7 +5,9 @@ Layouts accepted for `DepthDataset(data_dir, split)` / `find_pairs(data_dir, spl
   SPLIT/rgb/<frame>.jpeg + SPLIT/depth/<frame>.npy                 (a split folder given directly)
   DATA/<split> (no such folder) or DATA/rgb/<split>                 (read as DATA with that split)
   FOLDER/<frame>.jpeg or FOLDER/rgb/<frame>.jpeg, no depth          (images only, for prediction)
-Images may be .jpeg, .jpg or .png. Frames are paired by name and sorted numerically (9 before 10).
+Images may be .jpeg/.jpg, .png, .bmp, .tif/.tiff or .webp (any case), read as displayed: EXIF orientation applied,
+transparency over white. Frames are paired by name and sorted numerically (9 before 10); two names of one number
+in a folder ('0001' and '1') are refused.
 Items are (rgb, depth): rgb float32 [3,H,W] in [0,1]; depth float32 [1,H,W] metres clipped to
 [0, 20] (an empty tensor for image-only folders).
 """
@@ -23,9 +25,14 @@ from torch.utils.data import Dataset
 
 from utils import MAX_DEPTH, UserError, first_line, refuse_special_file
 
-IMAGE_EXTS = (".jpeg", ".jpg", ".png")
+IMAGE_EXTS = (".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 DEPTH_EXT = ".npy"
 MAX_IMAGE_PIXELS = 40_000_000  # larger images are refused from their header, before decoding (a 12 MP photo is fine)
+MIN_IMAGE_SIDE = 8  # pixels; a smaller image (an icon, a 1x1 tracking pixel) is refused: nothing to predict on
+EXIF_ORIENTATION = 0x0112
+TURN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+        5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+        8: Image.Transpose.ROTATE_90}  # EXIF orientation -> what turns the stored pixels as viewers show them
 UNUSUAL_DEPTH = 100.0  # metres; a depth map whose median valid (> 0) value is beyond it is not in metres
 
 
@@ -37,13 +44,17 @@ def frame_sort_key(name):
 def _files(folder, exts):
     if not os.path.isdir(folder):
         return {}
-    out = {}
+    out, by_key = {}, {}
     for fname in os.listdir(folder):
         stem, ext = os.path.splitext(fname)
         if ext.lower() in exts and not fname.startswith("."):
             if stem in out:
                 raise UserError(f"{folder}: two files for frame '{stem}' ({os.path.basename(out[stem])}, {fname})")
             out[stem] = os.path.join(folder, fname)
+            other = by_key.setdefault(tuple(frame_sort_key(stem)), stem)
+            if other != stem:  # '0001' and '1': their order (and pairing by name) would be a coin toss
+                raise UserError(f"{folder}: frames '{other}' and '{stem}' are one number written two ways "
+                                f"({os.path.basename(out[other])}, {fname}); rename one")
     return out
 
 
@@ -71,7 +82,7 @@ def _layout(data_dir, split):
         if os.path.isdir(rgb_root) else []
     hint = f"; splits here: {', '.join(splits)} (pick one with --split)" if splits else ""
     raise UserError(f"{data_dir}: no images found (looked for .jpeg/.jpg/.png in {where}rgb/ and the folder "
-                    f"itself){hint}")
+                    f"itself; also .bmp/.tif/.tiff/.webp){hint}")
 
 
 def find_pairs(data_dir, split=None):
@@ -104,8 +115,19 @@ def _check_file(path):
 
 
 def _unreadable(path, what, e):
+    if isinstance(e, PermissionError):
+        return UserError(f"{path}: unreadable {what} (no permission to read it)")
     detail = first_line(e) if str(e).strip() else "corrupt"
     return UserError(f"{path}: unreadable {what} ({type(e).__name__}: {detail})")
+
+
+def exif_orientation(img):
+    """An open image's EXIF orientation (1-8; 1 for none, and for EXIF data too damaged to read)."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels as stored
+        return 1
+    return value if value in TURN else 1
 
 
 def image_hw(path):
@@ -117,6 +139,8 @@ def image_hw(path):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 w, h = img.size
+                if exif_orientation(img) >= 5:  # turned by 90 degrees when displayed
+                    w, h = h, w
     except Image.DecompressionBombError as e:
         raise UserError(f"{path}: image too large ({first_line(e)}); the limit is "
                         f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels") from None
@@ -125,19 +149,28 @@ def image_hw(path):
     if h * w > MAX_IMAGE_PIXELS:
         raise UserError(f"{path}: image is {w}x{h} ({h * w / 1e6:.0f} megapixels), over the limit of "
                         f"{MAX_IMAGE_PIXELS / 1e6:.0f}; downscale it first")
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise UserError(f"{path}: image is {w}x{h} pixels, too small to predict depth on (at least {MIN_IMAGE_SIDE} "
+                        "a side)")
     return h, w
 
 
 def load_rgb_uint8(path):
-    """HxWx3 uint8 array; grayscale, palette, CMYK and RGBA are converted to RGB. UserError naming the file if
-    unreadable, or if it is a 16/32-bit or float single-channel image (a depth PNG?), which would clip to white.
-    The checks of `image_hw` come first, so nothing is decoded that they refuse."""
+    """HxWx3 uint8 array of the image as viewers show it: turned by its EXIF orientation; grayscale, palette and CMYK
+    converted to RGB; transparency composited over white. UserError naming the file if unreadable, or if it is a
+    16/32-bit or float single-channel image (a depth PNG?), which would clip to white. The checks of `image_hw` come
+    first, so nothing is decoded that they refuse."""
     image_hw(path)
     try:
         with Image.open(path) as img:
             img.load()
-            mode = img.mode
-            rgb = None if mode.startswith(("I", "F")) else np.array(img.convert("RGB"), dtype=np.uint8)
+            mode, turn = img.mode, TURN.get(exif_orientation(img))
+            rgb = None
+            if not mode.startswith(("I", "F")):
+                if "A" in mode or "transparency" in img.info:
+                    img = Image.alpha_composite(Image.new("RGBA", img.size, "white"), img.convert("RGBA"))
+                img = img.convert("RGB")
+                rgb = np.array(img.transpose(turn) if turn is not None else img, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001
         raise _unreadable(path, "image", e) from None
     if rgb is None:
@@ -156,18 +189,25 @@ def load_depth_m(path, hw=None, allow_unusual=False):
     except Exception as e:  # noqa: BLE001
         raise _unreadable(path, "depth file", e) from None
     if not isinstance(depth, np.ndarray) or depth.dtype.kind != "f":
+        integer = isinstance(depth, np.ndarray) and depth.dtype.kind in "ui"
         raise UserError(f"{path}: depth must be a float array of metres, got dtype "
-                        f"{getattr(depth, 'dtype', type(depth).__name__)}")
+                        f"{getattr(depth, 'dtype', type(depth).__name__)}"
+                        + ("; integer depth is usually millimetres from a depth sensor: save it as float32 depth / "
+                           "1000" if integer else ""))
     if depth.ndim == 3 and 1 in (depth.shape[0], depth.shape[-1]):
         depth = depth.reshape(depth.shape[1:] if depth.shape[0] == 1 else depth.shape[:-1])
     if depth.ndim != 2:
         raise UserError(f"{path}: depth must be a 2-D HxW map, got shape {depth.shape}")
     if hw is not None and tuple(depth.shape) != tuple(hw):
+        turned = " (turned by 90 degrees: images are read as displayed, EXIF orientation applied; save the depth " \
+            "map that way too)" if tuple(depth.shape) == tuple(hw)[::-1] else ""
         raise UserError(f"{path}: depth map is {depth.shape[0]}x{depth.shape[1]} "
-                        f"but its image is {hw[0]}x{hw[1]} (HxW)")
+                        f"but its image is {hw[0]}x{hw[1]} (HxW){turned}")
     bad = ~np.isfinite(depth)
     if bad.any():
-        raise UserError(f"{path}: depth has {int(bad.sum())} NaN/inf value(s)")
+        sky = " (+inf for sky? store a finite depth beyond the range, as the dataset's 100 m)" \
+            if np.isposinf(depth).any() else ""
+        raise UserError(f"{path}: depth has {int(bad.sum())} NaN/inf value(s){sky}")
     negative = depth < 0
     if negative.any():
         raise UserError(f"{path}: depth has {int(negative.sum())} negative value(s) (min {depth.min():g}); "

@@ -41,24 +41,29 @@ from dataset import DepthDataset
 from model import (HEADS, checkpoint_train_hw, compiled, find_state_dict, fit_input, load_checkpoint,
                    model_from_checkpoint, predict_depth)
 from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, depth_colors, fast_path, flag_range,
-                   metric_sums, one_line_errors, pick_device, positive_int, summarize, visualize_img)
+                   lock_folder, metric_sums, one_line_errors, pick_device, positive_int, refuse_link,
+                   remove_stale_temps, summarize, unlock, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
+HELD_LOCKS = []  # --save_dir locks this process holds
 BATCH_SIZE = 32
 MAX_BATCH_PIXELS = 2 ** 24  # a batch of large images is cut short (about 200 MB of float RGB); one frame always fits
 UNREAL_FOV_DEG = 90.0  # Unreal Engine's default camera: horizontal field of view, degrees (--ply's default camera)
 STATIC_M = 0.05  # flicker: a pixel is static between two frames when its true depth changes by less than this
+MIN_FOCAL_PX = 0.01  # --intrinsics: a smaller focal length sees almost 180 degrees and throws points to infinity
 FRAME_NUMBER = re.compile(r"^(.*?)(\d+)$")  # a frame name ending in a number: (prefix, number)
 
 
 def parse_intrinsics(text):
-    """--intrinsics FX,FY,CX,CY: four finite numbers, FX and FY > 0 (argparse reports anything else in one line)."""
+    """--intrinsics FX,FY,CX,CY: four finite numbers, FX and FY at least MIN_FOCAL_PX (argparse reports anything else
+    in one line)."""
     try:
         values = [float(x) for x in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 4 or not all(math.isfinite(v) for v in values) or min(values[:2]) <= 0:
-        raise argparse.ArgumentTypeError(f"must be FX,FY,CX,CY in pixels (four numbers, FX and FY > 0), got {text!r}")
+    if len(values) != 4 or not all(math.isfinite(v) for v in values) or min(values[:2]) < MIN_FOCAL_PX:
+        raise argparse.ArgumentTypeError(f"must be FX,FY,CX,CY in pixels (four numbers, FX and FY at least "
+                                         f"{MIN_FOCAL_PX:g}), got {text!r}")
     return tuple(values)
 
 
@@ -309,6 +314,8 @@ def check_outputs(args):
             and not os.path.exists(os.path.join(args.save_dir, MARKER)):
         raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; "
                         "choose another")
+    if args.out:
+        refuse_link(args.out, "--out")
     if args.out and os.path.exists(args.out):
         try:
             with open(args.out) as f:
@@ -317,6 +324,20 @@ def check_outputs(args):
             ours = False
         if not ours:
             raise UserError(f"--out {args.out}: file exists and was not written by evaluate.py; choose another path")
+
+
+def claim_save_dir(save_dir):
+    """Lock --save_dir for this run (another evaluate.py writing it now: UserError), clear the temp files a killed run
+    left, and mark the folder ours and in progress (MARKER reads 'complete' once every file of a run is written)."""
+    os.makedirs(save_dir, exist_ok=True)
+    lock = lock_folder(save_dir)
+    if lock is None:
+        raise UserError(f"--save_dir {save_dir}: another evaluate.py is writing this folder now; wait for it, or "
+                        "choose another folder")
+    remove_stale_temps(save_dir)
+    atomic_write(os.path.join(save_dir, MARKER), lambda f: f.write(b"evaluate.py output: in progress\n"))
+    HELD_LOCKS.append(lock)  # let go in main() when the run ends (and by the kernel when the process dies)
+    return lock
 
 
 def run(args):
@@ -339,8 +360,7 @@ def run(args):
         print(f"skipped: {reason}")
     if args.save_dir:
         refuse_colliding_outputs(ds.names)
-        os.makedirs(args.save_dir, exist_ok=True)
-        atomic_write(os.path.join(args.save_dir, MARKER), lambda f: f.write(b"evaluate.py output\n"))
+        claim_save_dir(args.save_dir)
 
     per_image, per_batch, flicker_total, previous = [], [], {}, None
 
@@ -393,11 +413,13 @@ def run(args):
     if args.out:
         atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
         print(f"wrote {args.out}")
-    if not ds.has_depth:
-        return 0
-    if args.save_dir:
+    if args.save_dir and ds.has_depth:
         write_per_image(args.save_dir, ds, per_image, net, device, amp_dtype, args)
         print(f"wrote predictions, per_image.csv and best/worst figures to {args.save_dir}")
+    if args.save_dir:  # the last file written: a folder reads 'complete' only once all of a run's files are there
+        atomic_write(os.path.join(args.save_dir, MARKER), lambda f: f.write(b"evaluate.py output: complete\n"))
+    if not ds.has_depth:
+        return 0
     if not finite:  # never a NaN metric with exit status 0; the NaN-weights warning above already said why
         if not nonfinite:
             print(f"error: {args.ckpt}: the predictions hold NaN/inf, so the metrics are not numbers", file=sys.stderr)
@@ -429,6 +451,9 @@ def main(argv=None):
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        while HELD_LOCKS:
+            unlock(HELD_LOCKS.pop())
 
 
 if __name__ == "__main__":

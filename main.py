@@ -20,6 +20,7 @@ import copy
 import csv
 import functools
 import io
+import itertools
 import json
 import math
 import os
@@ -45,9 +46,9 @@ from losses import build_loss
 from model import (HEADS, build_model, checkpoint_train_hw, compiled, depthwise_fp32_in_training, export_model,
                    fit_input, freeze_encoder, list_models, load_checkpoint, load_main_checkpoint, model_from_checkpoint,
                    param_groups, predict_depth, save_checkpoint, summary_text)
-from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
-                   non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
-                   remove_stale_temps, seed_everything, summarize, visualize_img)
+from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, lock_folder,
+                   non_negative_float, non_negative_int, one_line_errors, pick_device, plot_curves, positive_float,
+                   positive_int, remove_stale_temps, seed_everything, summarize, unlock, visualize_img)
 
 # ------------------------------------------------------------------------------------------------
 # hyperparameters (defaults of the flags below)
@@ -118,6 +119,11 @@ SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick st
 RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch", "step", "best", "history", "rng")
 RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folder with it is ever continued
 STEP_LOG = "loss_steps.csv"  # step, epoch, loss, lr of every training step
+EPOCH_FILE = re.compile(r"^epoch\d{3,}\.pth$")  # the epoch snapshots main.py writes (and prunes: no other file)
+# flags a resumed run may change: where and how fast it runs, how often it reports; every other flag is the run's own
+SESSION_FLAGS = ("device", "workers", "cache", "amp", "channels_last", "compile", "max_epochs", "stop_after_epochs",
+                 "evaluate_every", "visualize_every", "train_eval_frames", "keep", "allow_unusual_depth", "data_dir",
+                 "ckpt_dir", "ckpt_name")
 
 
 def check_branch(args, ckpt, source):
@@ -273,6 +279,8 @@ def parse_args(argv):
             raise UserError(f"--branch {pre.branch}: a branch keeps the run's model, data and batches; it cannot "
                             f"change {', '.join('--' + k for k in fixed)}")
         check_branch(args, ckpt, pre.branch)
+    if pre.resume:
+        check_resume_flags(args, ckpt["args"], pre.resume)
     if pre.recipe and not pre.resume:
         recipe = RECIPES[pre.recipe]
         explicit = sorted(k for k in recipe if getattr(args, k) != recipe[k])
@@ -281,6 +289,47 @@ def parse_args(argv):
         print("not as in the report:\n" + "\n".join(f"  - {gap}" for gap in
                                                       RECIPE_GAPS[pre.recipe] + RECIPE_GAPS["both"]))
     return args, ckpt
+
+
+def check_resume_flags(args, saved, source):
+    """A resumed run keeps its settings: UserError naming every flag given another value than the run was made with,
+    except SESSION_FLAGS (machine, reporting, --data_dir: its frames are compared later), which are said in a line."""
+    changed = {k: (saved[k], v) for k, v in vars(args).items()
+               if k in saved and saved[k] != v and k not in ("resume", "branch", "stop_after_epochs", "list_models")}
+    refused = [f"--{k} ({a} -> {b})" for k, (a, b) in changed.items() if k not in SESSION_FLAGS]
+    if refused:
+        raise UserError(f"--resume {source}: a resumed run keeps the settings it was made with; it cannot change "
+                        f"{', '.join(refused)} (start a new run for other settings)")
+    kept = [f"--{k} {b}" for k, (a, b) in changed.items() if k not in ("ckpt_dir", "ckpt_name")]
+    if kept:
+        print(f"resume {source}: this session uses {', '.join(kept)}; every other setting is the run's own")
+
+
+def frame_record(data):
+    """The frames a run trains and is scored on (names per split, in order), kept in its checkpoints."""
+    return {"dir": os.path.abspath(data.dir), "train": list(data.train.names), "val": list(data.val.names)}
+
+
+def check_resumed_data(ckpt, data, source, log):
+    """UserError when the data a resumed run finds is not the frames it was trained on (frames lost, added or renamed:
+    the epochs would change); a moved data folder with the same frames is fine. Checkpoints from before the record
+    are not checked."""
+    was, now = ckpt.get("frames"), frame_record(data)
+    if not isinstance(was, dict):
+        return
+    diffs = []
+    for split in ("train", "val"):
+        old, new = list(was.get(split) or []), now[split]
+        if old != new:
+            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+            diffs.append(f"{split} {len(old)} -> {len(new)} frames" + (f", {len(gone)} gone (e.g. {gone[0]})" if gone
+                         else "") + (f", {len(added)} new (e.g. {added[0]})" if added else "")
+                         + ("" if gone or added else ", in another order"))
+    if diffs:
+        raise UserError(f"--resume {source}: the run was made on other frames ({was.get('dir')}); {data.dir} now has: "
+                        f"{'; '.join(diffs)}; resuming would change the run (restore the frames or start a new run)")
+    if was.get("dir") != now["dir"]:
+        log(f"resume {source}: data now read from {data.dir} (the run's own frames, from a moved folder)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -571,18 +620,16 @@ def build_run(args, env, data, ckpt):
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),
         loss_fn=build_loss(args.loss, args.head == "clip"), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None,
         train_seconds=0.0, best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,
-        train_hw=list(data.train_hw), step_log=[])
+        train_hw=list(data.train_hw), step_log=[], lock=None, frames=frame_record(data))
     if ckpt is not None:
+        check_resumed_data(ckpt, data, args.resume or args.branch, env.log)
         restore_training_state(run, ckpt, args.resume or args.branch)
-        if args.resume:
-            run.dir = os.path.dirname(os.path.abspath(args.resume))
-        else:  # a branch's best.pth is the best of its own evaluations
+        if args.branch:  # a branch's best.pth is the best of its own evaluations
             run.best = {"val_rmse": float("inf"), "epoch": None}
         env.log(f"{'resumed' if args.resume else 'branched from'} {args.resume or args.branch}: {run.epoch} epoch(s) "
                 f"done, step {run.step}")
-    if args.resume is None and env.main:
-        run.dir = new_run_dir(args)
-        atomic_write(os.path.join(run.dir, RUN_MARKER), lambda f: f.write(b"a main.py run folder\n"))
+    if env.main:
+        run.dir, run.lock = claim_run_dir(args)
     if env.world > 1:
         box = [run.dir]
         dist.broadcast_object_list(box)
@@ -647,6 +694,7 @@ def training_state(run):
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "best": run.best, "args": dict(vars(run.args)), "history": run.history, "step_log": run.step_log,
+        "frames": run.frames,
         "versions": {"torch": str(torch.__version__), "timm": str(timm.__version__),
                      "torchvision": str(torchvision.__version__)},
     }
@@ -723,18 +771,39 @@ def holds_run(folder):
                for f in entries)
 
 
-def new_run_dir(args):
-    name = args.ckpt_name or args.model
-    run_dir = os.path.join(args.ckpt_dir, name)
-    if holds_run(run_dir):
-        if args.ckpt_name:
-            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}/last.pth "
-                            f"or choose another --ckpt_name")
-        k = 2
-        while holds_run(f"{run_dir}-{k}"):
-            k += 1
-        run_dir = f"{run_dir}-{k}"
-    return run_dir
+def claim_run_dir(args):
+    """(run folder, the lock that claims it) for rank 0. A resumed run continues in its checkpoint's folder, locked
+    (refused while another main.py runs there); one whose checkpoint sits in a folder main.py did not make (no
+    RUN_MARKER) continues in a new run folder, so nothing beside the checkpoint is written or pruned. A new run takes
+    --ckpt_dir/--ckpt_name (default the model name; -2, -3 ... when taken): a folder counts as taken when it holds a
+    run (`holds_run`) or another main.py holds its lock, so two runs started at once never share one."""
+    if args.resume:
+        folder = os.path.dirname(os.path.abspath(args.resume))
+        if os.path.exists(os.path.join(folder, RUN_MARKER)):
+            lock = lock_folder(folder)
+            if lock is None:
+                raise UserError(f"--resume {args.resume}: another main.py is running in {folder} now; wait for it to "
+                                "end (or stop it) and resume again")
+            return folder, lock
+    base = os.path.join(args.ckpt_dir, args.ckpt_name or args.model)
+    explicit = bool(args.ckpt_name) and not args.resume
+    for k in itertools.count(1):
+        run_dir = base if k == 1 else f"{base}-{k}"
+        taken = holds_run(run_dir)
+        if not taken:
+            os.makedirs(run_dir, exist_ok=True)
+            lock = lock_folder(run_dir)
+            if lock is not None and not holds_run(run_dir):  # checked again under the lock: claimed
+                atomic_write(os.path.join(run_dir, RUN_MARKER), lambda f: f.write(b"a main.py run folder\n"))
+                if args.resume:
+                    print(f"--resume {args.resume}: its folder was not made by main.py, so nothing is written there; "
+                          f"the run continues in {run_dir}")
+                return run_dir, lock
+            unlock(lock)
+        if explicit:
+            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}/last.pth or choose "
+                            f"another --ckpt_name" if taken else
+                            f"{run_dir} is in use by another main.py running now; choose another --ckpt_name")
 
 
 def repair_run_dir(run, env):
@@ -923,7 +992,7 @@ def write_step_log(run):
 
 
 def prune_epoch_files(run_dir, keep):
-    files = sorted(f for f in os.listdir(run_dir) if f.startswith("epoch") and f.endswith(".pth"))
+    files = sorted(f for f in os.listdir(run_dir) if EPOCH_FILE.match(f))
     for f in files[: max(0, len(files) - keep)]:
         os.remove(os.path.join(run_dir, f))
 
@@ -949,14 +1018,14 @@ def train(args, ckpt=None):
     env = setup(args)
     data = load_data(args, env)
     run = build_run(args, env, data, ckpt)
-    repair_run_dir(run, env)
     previous_handlers = {}  # put back on the way out (main.main may run inside a longer-lived process)
-    if env.main or env.world == 1:
-        handler = functools.partial(request_stop, run)
-        previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    run.model.train()
     last_pth = os.path.join(run.dir or "", "last.pth")
     try:
+        repair_run_dir(run, env)
+        if env.main or env.world == 1:
+            handler = functools.partial(request_stop, run)
+            previous_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        run.model.train()
         for epoch in range(run.epoch, run.max_epochs):
             status = train_one_epoch(run, data, env, epoch)
             if status == "stopped":
@@ -973,6 +1042,7 @@ def train(args, ckpt=None):
         env.log("\ninterrupted twice: stopped at once; last.pth holds the last finished epoch")
         return 130
     finally:
+        unlock(run.lock)  # after the last write (a kill lets go of it too)
         for s, previous in previous_handlers.items():
             signal.signal(s, previous)
         if env.world > 1 and dist.is_initialized():

@@ -33,6 +33,7 @@ import os
 import pickle
 import pickletools
 import re
+import sys
 import warnings
 import zipfile
 
@@ -145,9 +146,15 @@ def _depthwise_forward(conv, forward, x):
 
 def compiled(model, backend="inductor"):
     """torch.compile(model), set to fall back to eager, with a warning, where compiling fails (no C++ compiler, an
-    unsupported op): never a crash. The first calls compile (seconds to minutes)."""
-    torch._dynamo.config.suppress_errors = True
-    return torch.compile(model, backend=backend)
+    unsupported op, a Python torch.compile does not support): never a crash. The first calls compile (seconds to
+    minutes)."""
+    try:
+        torch._dynamo.config.suppress_errors = True
+        return torch.compile(model, backend=backend)
+    except Exception as e:  # noqa: BLE001 - torch.compile refusing outright (e.g. an unsupported Python)
+        print(f"warning: --compile: torch.compile is not available here ({type(e).__name__}: "
+              f"{first_line(e)[:200]}); running eager", file=sys.stderr)
+        return model
 
 
 def fit_input(rgb, input_size):
@@ -705,7 +712,7 @@ def load_main_checkpoint(src):
 
 
 def refuse_existing(dst):
-    if os.path.exists(dst):
+    if os.path.lexists(dst):  # a dangling link too
         raise UserError(f"{dst}: exists; export writes a new file only (move the old one away first)")
 
 
@@ -760,6 +767,9 @@ def import_optional(name):
     except ImportError:
         raise UserError(f"ONNX needs the optional packages onnx and onnxruntime ({name} is missing): {ONNX_HINT}"
                         ) from None
+    except Exception as e:  # noqa: BLE001 - installed but broken (a bad build, a missing library): one line
+        raise UserError(f"{name} is installed but importing it fails ({type(e).__name__}: {first_line(e)[:200]}); "
+                        f"reinstall it: pip install --force-reinstall onnx onnxruntime") from None
 
 
 def graph_contract(src, ckpt, net, tta, fmt):

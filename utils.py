@@ -6,6 +6,7 @@ over a whole split), the figures (`visualize_img`, `plot_curves`), seeding, devi
 """
 import argparse
 import contextlib
+import fcntl
 import math
 import os
 import platform
@@ -356,9 +357,11 @@ def atomic_write(path, write_fn):
 
     A crash at any moment leaves either the old file or the new one, never a half-written one (a kill can
     leave the temp file `.NAME.XXXXXXXX.tmp`; `remove_stale_temps` clears those). A failed write removes the
-    temp file and raises OSError naming `path` (a write error alone does not say which file it was).
+    temp file and raises OSError naming `path` (a write error alone does not say which file it was). A symbolic
+    link at `path` is refused (UserError): nothing is written through it, and the link itself is not replaced.
     """
     path = os.fspath(path)
+    refuse_link(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
@@ -375,6 +378,34 @@ def atomic_write(path, write_fn):
         if isinstance(e, OSError) and e.errno is not None and not e.filename:
             raise OSError(e.errno, e.strerror or os.strerror(e.errno), path) from None
         raise
+
+
+def refuse_link(path, what=None):
+    """UserError when `path` is a symbolic link (dangling or not): outputs are never written through a link, nor is a
+    link replaced (it was not ours to replace). A link to a folder higher up the path is followed: it was chosen."""
+    if os.path.islink(path):
+        raise UserError(f"{what + ' ' if what else ''}{path}: is a symbolic link (to {os.readlink(path)}); refused: "
+                        "nothing is written through a link or over it (remove the link, or choose another path)")
+
+
+def lock_folder(folder):
+    """An exclusive lock (flock) on a folder, so two processes never write one folder at once: the open descriptor
+    that holds it, or None when another process holds it. The lock goes with the process (a killed one lets go);
+    `unlock` it when done. Where the file system has no locks (some network ones), the descriptor, unlocked."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except OSError:
+        pass
+    return fd
+
+
+def unlock(fd):
+    if fd is not None:
+        os.close(fd)  # closing the descriptor drops its lock
 
 
 def remove_stale_temps(folder):

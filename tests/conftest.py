@@ -30,6 +30,25 @@ def tiny_frames():
     return make
 
 
+def small_scenes(tmp_path_factory, name, n_train, seed):
+    """Synthetic scenes at 48x64 (n_train train, 4 val, 4 test frames, numbered across splits): the folder."""
+    import synthetic
+    root = str(tmp_path_factory.mktemp(name))
+    synthetic.make_dataset(root, n_train=n_train, n_val=4, n_test=4, seed=seed, height=48, width=64, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one CPU thread for a module (as subprocesses with OMP_NUM_THREADS=1), so that runs in the test process
+    and in child processes give the same numbers to the last bit."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """A small synthetic DepthEstimationUnreal tree made by the project's own generator."""

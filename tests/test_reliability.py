@@ -37,7 +37,7 @@ import losses
 import main as main_mod
 import model as model_lib
 import utils
-from conftest import ROOT, exploit, message_lines, run_script
+from conftest import ROOT, exploit, message_lines, run_script, small_scenes
 from model import load_checkpoint, save_checkpoint
 from utils import TEMP_NAME, UserError, atomic_write
 
@@ -48,26 +48,16 @@ RUN = ["--model", "unet_res", "--encoder", "mobilenetv3_small_050", "--no-pretra
        "--evaluate_every", "2", "--max_epochs", str(EPOCHS)]  # 16 frames / batch 4: 4 steps per epoch
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 QUIET = pytest.mark.filterwarnings("error")  # a warning would be more lines on a user's stderr: fail instead
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------
 # fixtures and helpers
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def small_root(tmp_path_factory):
     """Synthetic scenes at 48x64: 16 train, 4 val, 4 test frames."""
-    import synthetic
-    root = str(tmp_path_factory.mktemp("small"))
-    synthetic.make_dataset(root, n_train=16, n_val=4, n_test=4, seed=1, height=48, width=64, progress=False)
-    return root
+    return small_scenes(tmp_path_factory, "small", 16, seed=1)
 
 
 @pytest.fixture(scope="module")
