@@ -246,6 +246,13 @@ def summarize_bins(total, edges=DEPTH_BIN_EDGES):
 ALIGNMENTS = ("median", "lstsq")
 
 
+def middle(x):
+    """The median of a 1-D tensor, the mean of the two middle values for an even count (torch.median takes the
+    lower one)."""
+    v = x.sort().values
+    return 0.5 * (v[(len(v) - 1) // 2] + v[len(v) // 2])
+
+
 def align_depth(pred_m, depth_m, how, valid=None):
     """The prediction [B,1,H,W] aligned to the truth per image over the scored pixels: 'median' scales it by
     median(gt) / median(pred); 'lstsq' fits scale s and shift t minimising sum (s pred + t - gt)^2 (closed form).
@@ -258,7 +265,7 @@ def align_depth(pred_m, depth_m, how, valid=None):
         if x.numel() == 0:
             out.append(pi)
         elif how == "median":
-            out.append(pi * (y.median() / x.median().clamp_min(EPS_DEPTH)))
+            out.append(pi * (middle(y) / middle(x).clamp_min(EPS_DEPTH)))
         elif how == "lstsq":
             var = ((x - x.mean()) ** 2).mean()
             s = ((x - x.mean()) * (y - y.mean())).mean() / var if var > 0 else torch.zeros_like(var)
