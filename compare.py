@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import torch
 
+import evaluate
 from evaluate import MARKER, check_outputs, evaluate_batches, frame_batches, load_model, open_data
 from model import predict_depth
 from utils import (DEPTH_CMAP, MAX_DEPTH, SIGNED_ERROR_CMAP, SIGNED_ERROR_M, UserError, atomic_write, fast_path,
@@ -56,9 +57,10 @@ def get_parser():
 
 
 def block_bootstrap(per_frame, statistic, block=BLOCK, samples=SAMPLES, level=LEVEL, seed=0):
-    """(low, high) (arrays when statistic returns one): the central `level` percentile interval of statistic(resampled rows) over `samples` moving-block
-    bootstrap resamples of per_frame ([N, ...] rows in sequence order): each resample joins blocks of `block`
-    consecutive rows starting at uniformly drawn frames (0..N-block) until it holds N rows (the last cut short)."""
+    """(low, high) (arrays when statistic returns one): the central `level` percentile interval of
+    statistic(resampled rows) over `samples` moving-block bootstrap resamples of per_frame ([N, ...] rows in
+    sequence order). Each resample joins blocks of `block` consecutive rows starting at uniformly drawn frames
+    (0..N-block) until it holds N rows (the last block cut short)."""
     per_frame = np.asarray(per_frame, dtype=np.float64)
     n = len(per_frame)
     block = max(1, min(block, n))
@@ -189,7 +191,8 @@ def print_result(r):
     print(f"{'':<6}{'A':>9}{'B':>9}{'B - A':>9}{f'{pct}% CI of B - A':>22}{'frame mean B - A':>18}{'B wins':>8}")
     for k, wins in (("rmse", "b_wins_rmse"), ("ssim", "b_wins_ssim")):
         low, high = r[f"{k}_b_minus_a_ci"]
-        print(f"{k:<6}{r[f'{k}_a']:>9.4f}{r[f'{k}_b']:>9.4f}{r[f'{k}_b_minus_a']:>+9.4f}{f'[{low:+.4f}, {high:+.4f}]':>22}"
+        interval = f"[{low:+.4f}, {high:+.4f}]"
+        print(f"{k:<6}{r[f'{k}_a']:>9.4f}{r[f'{k}_b']:>9.4f}{r[f'{k}_b_minus_a']:>+9.4f}{interval:>22}"
               f"{r[f'mean_frame_{k}_b_minus_a']:>+18.4f}{r[wins]:>8.1%}")
     print(f"(CI: moving-block bootstrap of the split's B - A over blocks of {r['block']} neighbouring frames, "
           f"{r['samples']} resamples; B wins: share of frames where B is better)")
@@ -200,12 +203,7 @@ def print_result(r):
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return evaluate.main(argv, get_parser(), run)
 
 
 if __name__ == "__main__":

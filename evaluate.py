@@ -17,6 +17,12 @@ ending in consecutive numbers), the mean |change| of the prediction minus that o
 true depth changes by less than 5 cm (README, "Temporal consistency"). `--ply` (with --save_dir) writes each
 prediction as a coloured point cloud through a pinhole camera (`--fov`, default 90 degrees, or `--intrinsics`).
 
+Beside the metrics it prints errors by true-depth range (share, RMSE, bias, share of the squared error per bin) and
+the boundary F1 of depth discontinuities; `--min_depth/--max_depth/--exclude_clip` choose the pixels scored,
+`--align median|lstsq` adds metrics of per-image aligned predictions, `--uncertainty` a flip-disagreement uncertainty
+and how well it ranks the error, `--gif` a sequence as an animated GIF; --data may be image files. With --save_dir
+every frame also gets <frame>_error.png (signed error). All of it: docs/evaluation.md; A vs B: compare.py.
+
 `evaluate_batches` and `frame_batches` are also training's evaluation path (main.py imports them), so
 main.py's val figures and this harness's are the same computation.
 
@@ -342,7 +348,7 @@ def summarize_extras(extras, align=None):
 
 def print_extras(out):
     cell = lambda v, width, sign="": f"{v:{sign}{width}.3f}" if v is not None else "-".rjust(width)  # empty bin: -
-    print(f"{'boundary_f1':<14}{out['boundary_f1']:>7.4f}  (Depth Pro's F1 of depth discontinuities; docs/evaluation.md)")
+    print(f"{'boundary_f1':<14}{out['boundary_f1']:>7.4f}  (F1 of depth edges, as Depth Pro's; docs/evaluation.md)")
     print(f"{'true depth':<14}{'share':>7}{'rmse':>8}{'bias':>8}{'sq err':>8}   (bias: mean pred - gt, m; sq err: "
           "share of the squared error)")
     for row in out["depth_bins"]:
@@ -586,10 +592,12 @@ def write_per_image(save_dir, ds, per_image, net, device, amp_dtype, args):
                           title=f"{tag}: frame {ds.names[i]}, RMSE {m['rmse']:.3f} m, SSIM {m['ssim']:.3f}")
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
+def main(argv=None, parser=None, command=None):
+    """evaluate.py's command line (or another's parser and run function: compare.py): a UserError or OSError is one
+    line on stderr and exit status 2."""
+    args = (parser or get_parser()).parse_args(argv)
     try:
-        return run(args)
+        return (command or run)(args)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -206,13 +206,15 @@ def test_compare_two_models_of_known_difference(scene, constant_depth_ckpt, eigh
     root, gt = scene
     out = tmp_path / "cmp.json"
     assert compare.main(["--data", root, "--ckpt", constant_depth_ckpt, "--compare", eight_m_ckpt, "--amp", "none",
-                         "--block", "2", "--samples", "300", "--out", str(out), "--save_dir", str(tmp_path / "figs")]) == 0
+                         "--block", "2", "--samples", "300", "--out", str(out),
+                         "--save_dir", str(tmp_path / "figs")]) == 0
     r = json.load(open(out))
     rmse = lambda c: np.sqrt(((c - gt) ** 2).mean())
     frame_rmse = lambda c: np.sqrt(((c - gt) ** 2).mean(axis=(1, 2)))
     assert r["rmse_a"] == pytest.approx(rmse(7.0), abs=1e-6) and r["rmse_b"] == pytest.approx(rmse(8.0), abs=1e-6)
     d = frame_rmse(8.0) - frame_rmse(7.0)
-    assert r["b_wins_rmse"] == pytest.approx(np.mean(d < 0)) and r["mean_frame_rmse_b_minus_a"] == pytest.approx(d.mean())
+    assert r["b_wins_rmse"] == pytest.approx(np.mean(d < 0))
+    assert r["mean_frame_rmse_b_minus_a"] == pytest.approx(d.mean())
     low, high = r["rmse_b_minus_a_ci"]
     assert low <= r["rmse_b_minus_a"] <= high
     csv_rows = open(tmp_path / "figs" / "per_frame.csv").read().strip().splitlines()
