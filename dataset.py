@@ -5,6 +5,7 @@ Layouts accepted for `DepthDataset(data_dir, split)` / `find_pairs(data_dir, spl
   SPLIT/rgb/<frame>.jpeg + SPLIT/depth/<frame>.npy                 (a split folder given directly)
   DATA/<split> (no such folder) or DATA/rgb/<split>                 (read as DATA with that split)
   FOLDER/<frame>.jpeg or FOLDER/rgb/<frame>.jpeg, no depth          (images only, for prediction)
+  PHOTO.jpg                                                        (one image file, for prediction)
 Images may be .jpeg/.jpg, .png, .bmp, .tif/.tiff or .webp (any case), read as displayed: EXIF orientation applied,
 transparency over white. Frames are paired by name and sorted numerically (9 before 10); two names of one number
 in a folder ('0001' and '1') are refused.
@@ -86,7 +87,12 @@ def _layout(data_dir, split):
 
 
 def find_pairs(data_dir, split=None):
-    """Sorted frame names, image paths and depth paths (None for an image-only folder)."""
+    """Sorted frame names, image paths and depth paths (None for an image-only folder or one image file)."""
+    if os.path.isfile(data_dir):  # one image (evaluate.py --data photo.jpg): named by its file name
+        stem, ext = os.path.splitext(os.path.basename(data_dir))
+        if ext.lower() not in IMAGE_EXTS:
+            raise UserError(f"{data_dir}: not an image file (expected {', '.join(IMAGE_EXTS)}) nor a data folder")
+        return [stem], [os.fspath(data_dir)], None
     rgb_dir, depth_dir = _layout(os.fspath(data_dir), split)
     images = _files(rgb_dir, IMAGE_EXTS)
     if depth_dir is None:

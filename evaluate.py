@@ -17,6 +17,12 @@ ending in consecutive numbers), the mean |change| of the prediction minus that o
 true depth changes by less than 5 cm (README, "Temporal consistency"). `--ply` (with --save_dir) writes each
 prediction as a coloured point cloud through a pinhole camera (`--fov`, default 90 degrees, or `--intrinsics`).
 
+Beside the metrics it prints errors by true-depth range (share, RMSE, bias, share of the squared error per bin) and
+the boundary F1 of depth discontinuities; `--min_depth/--max_depth/--exclude_clip` choose the pixels scored,
+`--align median|lstsq` adds metrics of per-image aligned predictions, `--uncertainty` a flip-disagreement uncertainty
+and how well it ranks the error, `--gif` a sequence as an animated GIF; --data may be image files. With --save_dir
+every frame also gets <frame>_error.png (signed error). All of it: docs/evaluation.md; A vs B: compare.py.
+
 `evaluate_batches` and `frame_batches` are also training's evaluation path (main.py imports them), so
 main.py's val figures and this harness's are the same computation.
 
@@ -24,6 +30,7 @@ Exit status: 0 done; 2 a problem with the command, a file or the data (one line 
 3 the metrics are not numbers (NaN/inf predictions, e.g. from NaN weights; a warning says why).
 """
 import argparse
+import copy
 import csv
 import io
 import json
@@ -37,12 +44,13 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dataset import DepthDataset
+from dataset import DepthDataset, load_rgb_uint8
 from model import (HEADS, checkpoint_train_hw, compiled, find_state_dict, fit_input, load_checkpoint,
                    model_from_checkpoint, predict_depth)
-from utils import (MAX_DEPTH, METRIC_NAMES, UserError, add_sums, atomic_write, depth_colors, fast_path, flag_range,
-                   lock_folder, metric_sums, one_line_errors, pick_device, positive_int, refuse_link,
-                   remove_stale_temps, summarize, unlock, visualize_img)
+from utils import (ALIGNMENTS, MAX_DEPTH, METRIC_NAMES, UserError, add_sums, align_depth, atomic_write, boundary_f1,
+                   depth_bin_sums, depth_colors, depth_range_mask, error_colors, fast_path, flag_range, lock_folder,
+                   metric_sums, one_line_errors, pick_device, positive_int, refuse_link, remove_stale_temps,
+                   sparsification, summarize, summarize_bins, unlock, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
 HELD_LOCKS = []  # --save_dir locks this process holds
@@ -52,6 +60,10 @@ UNREAL_FOV_DEG = 90.0  # Unreal Engine's default camera: horizontal field of vie
 STATIC_M = 0.05  # flicker: a pixel is static between two frames when its true depth changes by less than this
 MIN_FOCAL_PX = 0.01  # --intrinsics: a smaller focal length sees almost 180 degrees and throws points to infinity
 FRAME_NUMBER = re.compile(r"^(.*?)(\d+)$")  # a frame name ending in a number: (prefix, number)
+UNCERTAINTY_PNG_M = 2.0  # <frame>_uncertainty.png: the depth colours stretched over 0-2 m of uncertainty
+GIF_COMMENT = b"written by depthkit evaluate.py"  # marks --gif files as ours (only those are ever replaced)
+GIF_FRAME_MS = 100  # --gif: 10 frames a second
+GIF_PANEL_W = 512  # --gif: panels of larger images are shrunk to this width
 
 
 def parse_intrinsics(text):
@@ -70,8 +82,8 @@ def parse_intrinsics(text):
 def get_parser():
     p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
-    a("--data", required=True, help="dataset root (with --split), ROOT/test or ROOT/rgb/test for that split, a split "
-                                    "folder (rgb/ + depth/), or a folder of images (predictions only)")
+    a("--data", required=True, nargs="+", help="dataset root (with --split), ROOT/test or ROOT/rgb/test for that "
+      "split, a split folder (rgb/ + depth/), a folder of images or image files (predictions only); several: joined")
     a("--ckpt", required=True, help="checkpoint from main.py (or a bare state dict with --model)")
     a("--split", default="test", help="split to use when --data is a dataset root")
     a("--model", default=None, help="model name for a bare state dict (python main.py --list-models)")
@@ -101,6 +113,17 @@ def get_parser():
     a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
       help="autocast dtype; auto: bf16 on GPUs and on CPUs with bf16 instructions")
     a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when there is one)")
+    a("--min_depth", type=flag_range(float, 0), default=0.0, help="score only pixels whose true depth is at least "
+      "this many metres (metrics, depth bins, boundary F1, aligned metrics)")
+    a("--max_depth", type=flag_range(float, 0, above=True), default=MAX_DEPTH,
+      help="score only pixels whose true depth is at most this many metres")
+    a("--exclude_clip", action="store_true", help="leave out the pixels at the 20 m clip (sky, beyond the range)")
+    a("--align", default=None, choices=ALIGNMENTS, help="also report the metrics of each prediction aligned to its "
+      "truth: median (one scale per image) or lstsq (scale and shift per image); beside the metric ones")
+    a("--uncertainty", action="store_true", help="per-pixel uncertainty from the disagreement of the prediction and "
+      "its flipped twin; prints how well it ranks the error (AUSE/AURG); with --save_dir <frame>_uncertainty.npy/.png")
+    a("--gif", default=None, metavar="OUT.gif", help="numbered frames as an animated GIF: input | prediction "
+      "(| signed error with ground truth) on one fixed 0-20 m scale, to see flicker")
     a("--compile", action="store_true",
       help="torch.compile the model (falls back to eager if it cannot): up to 1.9x faster CPU inference once "
            "compiled, but compiling takes 20-60 s (README, Speed): for many thousands of frames, not for one split")
@@ -130,10 +153,12 @@ def load_model(args, device):
     return net.to(device).eval(), config
 
 
-def evaluate_batches(model, batches, device, amp_dtype=None, channels_last=False, tta=False, on_batch=None):
+def evaluate_batches(model, batches, device, amp_dtype=None, channels_last=False, tta=False, on_batch=None,
+                     valid_fn=None):
     """Metric totals (see `utils.add_sums`) of a model over (rgb, depth, ...) batches, under inference_mode.
 
     on_batch(pred_m, depth_m, sums, batch) is called for each batch (per-image outputs, per-batch protocols).
+    valid_fn(depth_m): the bool mask of the pixels to score (`utils.depth_range_mask`); None: every pixel.
     """
     was_training = model.training
     model.eval()
@@ -143,7 +168,7 @@ def evaluate_batches(model, batches, device, amp_dtype=None, channels_last=False
             rgb = batch[0].to(device, non_blocking=True)
             depth_m = batch[1].to(device, non_blocking=True)
             pred_m = predict_depth(model, rgb, depth_m.shape[-2:], tta, amp_dtype, channels_last)
-            sums = metric_sums(pred_m, depth_m)
+            sums = metric_sums(pred_m, depth_m, valid_fn(depth_m) if valid_fn else None)
             add_sums(total, sums)
             if on_batch is not None:
                 on_batch(pred_m, depth_m, sums, batch)
@@ -191,7 +216,8 @@ def frame_batches(ds, batch_size, indices=None, progress=False):
 def output_files(name):
     """The files --save_dir may get for a frame: its predictions, and its figure if it is among the best/worst."""
     return {"npy": f"{name}.npy", "png": f"{name}.png", "color": f"{name}_color.png", "ply": f"{name}.ply",
-            "best": f"best_{name}.png", "worst": f"worst_{name}.png"}
+            "best": f"best_{name}.png", "worst": f"worst_{name}.png", "error": f"{name}_error.png",
+            "uncertainty": f"{name}_uncertainty.npy", "uncertainty_png": f"{name}_uncertainty.png"}
 
 
 def refuse_colliding_outputs(names):
@@ -302,6 +328,142 @@ def summarize_flicker(total):
     return {"flicker": flicker, "flicker_pairs": int(total.get("pairs", 0))}
 
 
+# ------------------------------------------------------------------------------------------------
+# beyond the split's metrics: errors by depth range, boundary F1, aligned metrics, uncertainty (docs/evaluation.md)
+
+def flip_uncertainty(net, rgb, out_hw, amp_dtype=None, channels_last=False):
+    """Per-pixel uncertainty [B,1,H,W] in metres: half the |difference| between the prediction and its flipped twin
+    (the prediction of the mirrored image, mirrored back), i.e. the standard deviation of the two."""
+    plain = predict_depth(net, rgb, out_hw, False, amp_dtype, channels_last)
+    twin = predict_depth(net, rgb.flip(-1), out_hw, False, amp_dtype, channels_last).flip(-1)
+    return 0.5 * (plain - twin).abs()
+
+
+def add_extras(extras, pred_m, depth_m, valid, align=None, uncertainty_m=None):
+    """Add one batch to the running totals of `summarize_extras`: depth-bin sums, boundary F1 (a mean over images),
+    the metric sums of the aligned prediction, and each image's sparsification errors of the uncertainty."""
+    add_sums(extras.setdefault("bins", {}), depth_bin_sums(pred_m, depth_m, valid))
+    f1 = boundary_f1(pred_m, depth_m, valid)
+    add_sums(extras.setdefault("boundary", {}), {"f1": f1, "images": torch.ones_like(f1)})
+    if align:
+        aligned = align_depth(pred_m, depth_m, align, valid)
+        add_sums(extras.setdefault("aligned", {}), metric_sums(aligned, depth_m, valid))
+    for j in range(len(pred_m) if uncertainty_m is not None else 0):
+        keep = valid[j] if valid is not None else torch.ones_like(depth_m[j], dtype=torch.bool)
+        if keep.any():
+            s = sparsification((pred_m[j] - depth_m[j]).abs()[keep], uncertainty_m[j][keep])
+            add_sums(extras.setdefault("sparsification", {}), {"ause": s["ause"], "aurg": s["aurg"], "images": 1})
+
+
+def summarize_extras(extras, align=None):
+    """{depth_bins, boundary_f1, aligned, uncertainty} for --out (aligned and uncertainty only when asked)."""
+    out = {"depth_bins": summarize_bins(extras["bins"]),
+           "boundary_f1": extras["boundary"]["f1"] / extras["boundary"]["images"]}
+    if align:
+        out["aligned"] = dict(summarize(extras["aligned"]), align=align)
+    if "sparsification" in extras:
+        s = extras["sparsification"]
+        out["uncertainty"] = {"method": "flip disagreement", "ause_rmse": s["ause"] / s["images"],
+                              "aurg_rmse": s["aurg"] / s["images"], "frames": int(s["images"])}
+    return out
+
+
+def print_extras(out):
+    cell = lambda v, width, sign="": f"{v:{sign}{width}.3f}" if v is not None else "-".rjust(width)  # empty bin: -
+    print(f"{'boundary_f1':<14}{out['boundary_f1']:>7.4f}  (F1 of depth edges, as Depth Pro's; docs/evaluation.md)")
+    print(f"{'true depth':<14}{'share':>7}{'rmse':>8}{'bias':>8}{'sq err':>8}   (bias: mean pred - gt, m; sq err: "
+          "share of the squared error)")
+    for row in out["depth_bins"]:
+        print(f"{row['bin']:<14}{cell(row['share'], 7)}{cell(row['rmse'], 8)}{cell(row['bias'], 8, '+')}"
+              f"{cell(row['sq_err_share'], 8)}")
+    if "aligned" in out:
+        print(f"aligned per image by {out['aligned']['align']} (beside the metric values above, never instead):")
+        for k in METRIC_NAMES:
+            print(f"{k:<10}{out['aligned'][k]:>10.4f}")
+    if "uncertainty" in out:
+        u = out["uncertainty"]
+        print(f"uncertainty (flip disagreement): AUSE {u['ause_rmse']:.4f} m, AURG {u['aurg_rmse']:+.4f} m (RMSE "
+              f"sparsification, mean over {u['frames']} frames; AURG <= 0: it ranks the error no better than chance)")
+
+
+def save_frame_extras(save_dir, name, pred, depth, uncertainty):
+    """<name>_error.png (signed error pred - gt, coloured, with ground truth) and <name>_uncertainty.npy/.png."""
+    files = output_files(name)
+    if depth is not None:
+        err = Image.fromarray(error_colors(pred - depth))
+        atomic_write(os.path.join(save_dir, files["error"]), lambda f: err.save(f, format="PNG"))
+    if uncertainty is not None:
+        unc = uncertainty.astype(np.float32)
+        atomic_write(os.path.join(save_dir, files["uncertainty"]), lambda f: np.save(f, unc))
+        png = Image.fromarray(depth_colors(unc * (MAX_DEPTH / UNCERTAINTY_PNG_M)))
+        atomic_write(os.path.join(save_dir, files["uncertainty_png"]), lambda f: png.save(f, format="PNG"))
+
+
+# ------------------------------------------------------------------------------------------------
+# --gif: a sequence as one animated picture
+
+def check_gif(path, names):
+    """UserError before anything is written: not a .gif name, a file there evaluate.py did not write, or frames
+    that are not numbered (a GIF of a sequence needs its order)."""
+    if not path.lower().endswith(".gif"):
+        raise UserError(f"--gif {path}: the name must end in .gif")
+    if os.path.exists(path):
+        try:
+            with Image.open(path) as img:
+                ours = img.info.get("comment") == GIF_COMMENT
+        except Exception:  # noqa: BLE001
+            ours = False
+        if not ours:
+            raise UserError(f"--gif {path}: file exists and was not written by evaluate.py; choose another path")
+    unnumbered = [n for n in names if not FRAME_NUMBER.match(n)]
+    if unnumbered:
+        raise UserError(f"--gif: {len(unnumbered)} frame(s) without a frame number (e.g. '{unnumbered[0]}'); a GIF "
+                        "needs numbered frames (names ending in a number)")
+
+
+def gif_frame(rgb, pred, depth, size=None):
+    """One GIF frame (palette image): input | prediction (| signed error when depth is not None), each panel at
+    `size` (W, H; default the prediction's, at most GIF_PANEL_W wide), depth on the fixed 0-20 m scale."""
+    h, w = pred.shape
+    size = size or (min(w, GIF_PANEL_W), max(1, round(h * min(w, GIF_PANEL_W) / w)))
+    rgb_u8 = (rgb.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    panels = [Image.fromarray(rgb_u8), Image.fromarray(depth_colors(pred))]
+    if depth is not None:
+        panels.append(Image.fromarray(error_colors(pred - depth)))
+    strip = np.concatenate([np.asarray(p.resize(size, Image.BILINEAR)) for p in panels], axis=1)
+    return Image.fromarray(strip).quantize(256)
+
+
+def write_gif(path, frames):
+    data = io.BytesIO()
+    frames[0].save(data, format="GIF", save_all=True, append_images=frames[1:], duration=GIF_FRAME_MS, loop=0,
+                   comment=GIF_COMMENT)
+    atomic_write(path, lambda f: f.write(data.getvalue()))
+
+
+def open_data(args):
+    """The frames --data names: one dataset/folder/image, or several joined in the order given. Image files given
+    one by one are decoded up front, so a file that is not an image stops the run before anything is written."""
+    paths = args.data if isinstance(args.data, list) else [args.data]
+    parts = [DepthDataset(path, split=args.split, skip_bad=args.skip_bad, progress=sys.stderr.isatty(),
+                          allow_unusual_depth=args.allow_unusual_depth) for path in paths]
+    for path in paths:
+        if os.path.isfile(path) and not args.skip_bad:  # --skip_bad: DepthDataset has decoded (and listed) them
+            load_rgb_uint8(path)
+    if len(parts) == 1:
+        return parts[0]
+    with_depth = [p.data_dir for p in parts if p.has_depth]
+    if with_depth and len(with_depth) < len(parts):
+        raise UserError(f"--data: {with_depth[0]} has depth maps but "
+                        f"{next(p.data_dir for p in parts if not p.has_depth)} has none; score them separately")
+    ds = copy.copy(parts[0])
+    ds.names = [n for p in parts for n in p.names]
+    ds.rgb_paths = [r for p in parts for r in p.rgb_paths]
+    ds.depth_paths = [d for p in parts for d in p.depth_paths] if with_depth else None
+    ds.skipped = [s for p in parts for s in p.skipped]
+    return ds
+
+
 def check_outputs(args):
     """Refuse to overwrite anything evaluate.py did not write itself, and flags that go nowhere."""
     if (args.fov is not None or args.intrinsics is not None) and not args.ply:
@@ -310,6 +472,8 @@ def check_outputs(args):
         raise UserError("--ply writes <frame>.ply into --save_dir; pass --save_dir DIR")
     if args.fov is not None and args.intrinsics is not None:
         raise UserError("--fov and --intrinsics both describe the camera; pass one")
+    if args.min_depth >= args.max_depth:
+        raise UserError(f"--min_depth {args.min_depth:g} must be below --max_depth {args.max_depth:g}")
     if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir) \
             and not os.path.exists(os.path.join(args.save_dir, MARKER)):
         raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; "
@@ -341,6 +505,8 @@ def claim_save_dir(save_dir):
 
 
 def run(args):
+    paths = args.data if isinstance(args.data, (list, tuple)) else [args.data]
+    args.data = paths[0] if len(paths) == 1 else list(paths)  # one path is printed and written as before
     check_outputs(args)
     device = pick_device(args.device)
     amp_dtype, channels_last, why = fast_path(device, args.amp)
@@ -352,8 +518,11 @@ def run(args):
               file=sys.stderr)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    ds = DepthDataset(args.data, split=args.split, skip_bad=args.skip_bad, progress=sys.stderr.isatty(),
-                      allow_unusual_depth=args.allow_unusual_depth)
+    ds = open_data(args)
+    if args.align and not ds.has_depth:
+        raise UserError(f"--align {args.align}: {ds.data_dir} has no depth maps to align to")
+    if args.gif:
+        check_gif(args.gif, ds.names)
     print(f"model {config['name']} from {args.ckpt} on {device} ({why}); {len(ds)} frames from {args.data}"
           + (f"; tta {args.tta}" if args.tta != "none" else ""))
     for path, reason in ds.skipped:
@@ -362,20 +531,33 @@ def run(args):
         refuse_colliding_outputs(ds.names)
         claim_save_dir(args.save_dir)
 
-    per_image, per_batch, flicker_total, previous = [], [], {}, None
+    per_image, per_batch, flicker_total, previous, extras, gif = [], [], {}, None, {}, []
+    valid_fn = lambda depth_m: depth_range_mask(depth_m, args.min_depth, args.max_depth, args.exclude_clip)
+    no_pixels = dict.fromkeys(METRIC_NAMES, math.nan)  # a frame with no pixel in --min_depth/--max_depth
 
     def on_batch(pred_m, depth_m, sums, batch):
         nonlocal previous
         idx = batch[2]
+        uncertainty = flip_uncertainty(net, batch[0].to(device), pred_m.shape[-2:], amp_dtype, channels_last) \
+            if args.uncertainty else None
         if ds.has_depth:
-            per_batch.append(summarize({k: float(v.sum()) for k, v in sums.items()}))
+            if sums["pixels"].sum():
+                per_batch.append(summarize({k: float(v.sum()) for k, v in sums.items()}))
             for j, i in enumerate(idx):
-                per_image.append((i, summarize({k: float(v[j]) for k, v in sums.items()})))
+                one = {k: float(v[j]) for k, v in sums.items()}
+                per_image.append((i, summarize(one) if one["pixels"] else no_pixels))
                 previous = add_flicker(flicker_total, previous, ds.names[i], pred_m[j], depth_m[j])
-        if args.save_dir:
-            for j, i in enumerate(idx):
-                pred = pred_m[j, 0].float().cpu().numpy()
+            add_extras(extras, pred_m, depth_m, valid_fn(depth_m), args.align, uncertainty)
+        for j, i in enumerate(idx):
+            pred = pred_m[j, 0].float().cpu().numpy()
+            depth = depth_m[j, 0].float().cpu().numpy() if ds.has_depth else None
+            if args.gif:
+                gif.append(gif_frame(batch[0][j], pred, depth, (gif[0].width // (2 + ds.has_depth), gif[0].height)
+                                     if gif else None))
+            if args.save_dir:
                 save_prediction(args.save_dir, ds.names[i], pred)
+                save_frame_extras(args.save_dir, ds.names[i], pred, depth,
+                                  uncertainty[j, 0].float().cpu().numpy() if uncertainty is not None else None)
                 if args.ply:
                     save_point_cloud(args.save_dir, ds.names[i], pred, batch[0][j], (args.fov, args.intrinsics))
 
@@ -383,7 +565,10 @@ def run(args):
     if args.protocol == "resnet34_224":
         batches = report_224_batches(batches)
     total = evaluate_batches(compiled(net) if args.compile else net, batches, device, amp_dtype, channels_last,
-                             args.tta == "flip", on_batch=on_batch)
+                             args.tta == "flip", on_batch=on_batch, valid_fn=valid_fn)
+    if ds.has_depth and not total.get("pixels"):
+        raise UserError(f"--min_depth {args.min_depth:g} --max_depth {args.max_depth:g}"
+                        f"{' --exclude_clip' if args.exclude_clip else ''}: no pixel of {ds.data_dir} is in that range")
     if ds.has_depth:
         if args.protocol != "course":
             metrics = summarize(total)
@@ -401,6 +586,8 @@ def run(args):
             print(f"{k:<10}{metrics[k]:>10.4f}")
         value = f"{flicker['flicker']:>10.4f}" if math.isfinite(flicker["flicker"]) else f"{'n/a':>10}"
         print(f"{'flicker':<10}{value}  (m, over {flicker['flicker_pairs']} neighbouring frame pairs; README)")
+        extras = summarize_extras(extras, args.align)
+        print_extras(extras)
     else:  # no depth maps: the metrics are null in --out, the predictions are counted
         metrics = {k: math.nan for k in METRIC_NAMES}
         flicker = {"flicker": math.nan, "flicker_pairs": 0}
@@ -409,10 +596,15 @@ def run(args):
     finite = all(math.isfinite(metrics[k]) for k in METRIC_NAMES)
     result = dict({k: v if math.isfinite(v) else None for k, v in dict(metrics, **flicker).items()},  # NaN: null
                   protocol=args.protocol, frames=len(ds), predictions=len(ds), tta=args.tta, ckpt=args.ckpt,
-                  data=args.data, skipped=[{"file": p, "reason": r} for p, r in ds.skipped], written_by="evaluate.py")
+                  data=args.data, skipped=[{"file": p, "reason": r} for p, r in ds.skipped], written_by="evaluate.py",
+                  scored={"min_depth": args.min_depth, "max_depth": args.max_depth, "exclude_clip": args.exclude_clip},
+                  **(extras if ds.has_depth else {}))
     if args.out:
         atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
         print(f"wrote {args.out}")
+    if args.gif:
+        write_gif(args.gif, gif)
+        print(f"wrote {args.gif} ({len(gif)} frames)")
     if args.save_dir and ds.has_depth:
         write_per_image(args.save_dir, ds, per_image, net, device, amp_dtype, args)
         print(f"wrote predictions, per_image.csv and best/worst figures to {args.save_dir}")
@@ -444,10 +636,12 @@ def write_per_image(save_dir, ds, per_image, net, device, amp_dtype, args):
                           title=f"{tag}: frame {ds.names[i]}, RMSE {m['rmse']:.3f} m, SSIM {m['ssim']:.3f}")
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
+def main(argv=None, parser=None, command=None):
+    """evaluate.py's command line (or another's parser and run function: compare.py): a UserError or OSError is one
+    line on stderr and exit status 2."""
+    args = (parser or get_parser()).parse_args(argv)
     try:
-        return run(args)
+        return (command or run)(args)
     except (UserError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,10 +105,12 @@ METRIC_NAMES = ["rmse", "ssim", "mae", "abs_rel", "sq_rel", "rmse_log", "log10",
                 "delta3"]
 
 
-def metric_sums(pred_m, depth_m):
+def metric_sums(pred_m, depth_m, valid=None):
     """Per-image sums for every metric, as float64 tensors of shape [B] (plus 'pixels').
 
     pred_m, depth_m: [B, 1, H, W] metres, same size (resize predictions to the ground truth first).
+    valid: optional bool mask of that shape (`depth_range_mask`): only its pixels are scored (SSIM is still
+    computed on the whole map, then averaged over them; SILog is per image over them).
     Add the sums of any set of images and pass them to `summarize` to get that set's metrics.
     """
     if pred_m.shape != depth_m.shape:
@@ -118,6 +120,8 @@ def metric_sums(pred_m, depth_m):
     err = p - g
     pf, gf = p.clamp_min(EPS_DEPTH), g.clamp_min(EPS_DEPTH)
     ratio = torch.maximum(pf / gf, gf / pf)
+    if valid is not None:
+        return masked_metric_sums(p, g, err, pf, gf, ratio, valid.to(p.device).double())
     per_image = lambda x: x.flatten(1).sum(1)
     return {
         "pixels": torch.full((p.shape[0],), float(p[0].numel()), dtype=torch.float64, device=p.device),
@@ -133,6 +137,38 @@ def metric_sums(pred_m, depth_m):
         "delta3": per_image((ratio < 1.25 ** 3).double()),
         "ssim": per_image(ssim_map(p, g)),
     }
+
+
+def masked_metric_sums(p, g, err, pf, gf, ratio, w):
+    """`metric_sums` over the pixels where w (float 0/1, [B,1,H,W]) is 1: every sum weighted by w."""
+    per_image = lambda x: (x * w).flatten(1).sum(1)
+    n = per_image(torch.ones_like(p))
+    d = pf.log() - gf.log()
+    mean_d = per_image(d) / n.clamp_min(1)
+    silog_image = 100.0 * torch.sqrt((per_image(d ** 2) / n.clamp_min(1) - mean_d ** 2).clamp_min(0.0))
+    return {
+        "pixels": n,
+        "sq_err": per_image(err ** 2),
+        "abs_err": per_image(err.abs()),
+        "abs_rel": per_image(err.abs() / gf),
+        "sq_rel": per_image(err ** 2 / gf),
+        "sq_log": per_image(d ** 2),
+        "log10": per_image((pf.log10() - gf.log10()).abs()),
+        "silog": silog_image * n,
+        "delta1": per_image((ratio < 1.25).double()),
+        "delta2": per_image((ratio < 1.25 ** 2).double()),
+        "delta3": per_image((ratio < 1.25 ** 3).double()),
+        "ssim": per_image(ssim_map(p, g)),
+    }
+
+
+def depth_range_mask(depth_m, min_depth=0.0, max_depth=MAX_DEPTH, exclude_clip=False):
+    """The pixels scored: true depth in [min_depth, max_depth], and below the 20 m clip with exclude_clip
+    (the clip holds the sky and everything beyond the range). None when that is every pixel."""
+    if min_depth <= 0 and max_depth >= MAX_DEPTH and not exclude_clip:
+        return None
+    valid = (depth_m >= min_depth) & (depth_m <= max_depth)
+    return valid & (depth_m < MAX_DEPTH) if exclude_clip else valid
 
 
 def add_sums(total, sums):
@@ -163,6 +199,154 @@ def summarize(total):
 
 
 # ----------------------------------------------------------------------------------------------
+# Errors by depth range: per-bin sums that add up over a split like `metric_sums`
+
+DEPTH_BIN_EDGES = (0.0, 2.0, 5.0, 10.0, 15.0, MAX_DEPTH)  # metres; bins [lo, hi), then the pixels at the clip
+
+
+def depth_bin_names(edges=DEPTH_BIN_EDGES):
+    return [f"{lo:g}-{hi:g} m" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{MAX_DEPTH:g} m (clip)"]
+
+
+def depth_bin_sums(pred_m, depth_m, valid=None, edges=DEPTH_BIN_EDGES):
+    """Per-image sums [B] by true-depth bin k (`depth_bin_names`: [lo, hi) for each pair of edges, then the pixels
+    at the clip, depth >= 20 m): bin{k}_pixels, bin{k}_err (sum of pred - gt), bin{k}_sq_err. valid: as metric_sums.
+    Add them with `add_sums`, read them with `summarize_bins`."""
+    p, g = pred_m.detach().double(), depth_m.detach().double()
+    w = torch.ones_like(g) if valid is None else valid.to(g.device).double()
+    bounds = list(zip(edges[:-1], edges[1:])) + [(MAX_DEPTH, math.inf)]
+    sums = {}
+    for k, (lo, hi) in enumerate(bounds):
+        in_bin = w * ((g >= lo) & (g < hi)).double()
+        err = (p - g) * in_bin
+        sums[f"bin{k}_pixels"] = in_bin.flatten(1).sum(1)
+        sums[f"bin{k}_err"] = err.flatten(1).sum(1)
+        sums[f"bin{k}_sq_err"] = (err * (p - g)).flatten(1).sum(1)
+    return sums
+
+
+def summarize_bins(total, edges=DEPTH_BIN_EDGES):
+    """Rows {bin, share (of the scored pixels), rmse, bias (mean pred - gt), sq_err_share (of the total squared
+    error)} from added `depth_bin_sums`; rmse and bias are None for an empty bin."""
+    names = depth_bin_names(edges)
+    pixels = sum(total[f"bin{k}_pixels"] for k in range(len(names)))
+    sq_err = sum(total[f"bin{k}_sq_err"] for k in range(len(names)))
+    rows = []
+    for k, name in enumerate(names):
+        n = total[f"bin{k}_pixels"]
+        rows.append({"bin": name, "pixels": int(n), "share": n / pixels if pixels else None,
+                     "rmse": math.sqrt(total[f"bin{k}_sq_err"] / n) if n else None,
+                     "bias": total[f"bin{k}_err"] / n if n else None,
+                     "sq_err_share": total[f"bin{k}_sq_err"] / sq_err if sq_err else None})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Aligned metrics: for models that only get relative depth right (reported beside the metric ones)
+
+ALIGNMENTS = ("median", "lstsq")
+
+
+def middle(x):
+    """The median of a 1-D tensor, the mean of the two middle values for an even count (torch.median takes the
+    lower one)."""
+    v = x.sort().values
+    return 0.5 * (v[(len(v) - 1) // 2] + v[len(v) // 2])
+
+
+def align_depth(pred_m, depth_m, how, valid=None):
+    """The prediction [B,1,H,W] aligned to the truth per image over the scored pixels: 'median' scales it by
+    median(gt) / median(pred); 'lstsq' fits scale s and shift t minimising sum (s pred + t - gt)^2 (closed form).
+    Clamped to [0, MAX_DEPTH] like every prediction."""
+    p, g = pred_m.detach().double(), depth_m.detach().double()
+    w = torch.ones_like(g, dtype=torch.bool) if valid is None else valid.to(g.device)
+    out = []
+    for pi, gi, wi in zip(p, g, w):
+        x, y = pi[wi], gi[wi]
+        if x.numel() == 0:
+            out.append(pi)
+        elif how == "median":
+            out.append(pi * (middle(y) / middle(x).clamp_min(EPS_DEPTH)))
+        elif how == "lstsq":
+            var = ((x - x.mean()) ** 2).mean()
+            s = ((x - x.mean()) * (y - y.mean())).mean() / var if var > 0 else torch.zeros_like(var)
+            out.append(s * pi + (y.mean() - s * x.mean()))
+        else:
+            raise ValueError(f"unknown alignment {how!r}; one of {', '.join(ALIGNMENTS)}")
+    return torch.stack(out).clamp(0.0, MAX_DEPTH).to(pred_m.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Depth-boundary F1: Depth Pro's scale-invariant boundary F1 (Bochkovskii et al. 2024, arXiv:2410.02073,
+# ml-depth-pro eval/boundary_metrics.py SI_boundary_F1): a neighbour pair is an occluding contour at threshold t
+# when one depth is more than t times the other; F1 of predicted against true contours, per direction, weighted
+# over thresholds 1.05..1.25
+
+BOUNDARY_THRESHOLDS = tuple(1.05 + 0.2 * k / 9 for k in range(10))  # np.linspace(1.05, 1.25, 10)
+
+
+def contour_masks(depth, t, valid=None):
+    """[left, top, right, bottom] bool maps of neighbour pairs where one side's depth is more than t times the
+    other's (Depth Pro's fgbg_depth; on depth, equal to theirs on inverse depth with directions swapped)."""
+    d = depth.clamp_min(EPS_DEPTH)
+    pairs = [(d[..., :, :-1], d[..., :, 1:]), (d[..., :-1, :], d[..., 1:, :])]
+    masks = [a / b > t for a, b in pairs] + [b / a > t for a, b in pairs]
+    if valid is not None:
+        both = [valid[..., :, :-1] & valid[..., :, 1:], valid[..., :-1, :] & valid[..., 1:, :]]
+        masks = [m & both[k % 2] for k, m in enumerate(masks)]
+    return masks
+
+
+def boundary_f1(pred_m, depth_m, valid=None, thresholds=BOUNDARY_THRESHOLDS):
+    """Per-image boundary F1 [B] (float64, in [0, 1]): at each threshold t, recall and precision are the means
+    over the 4 directions of |pred & true| / |true| and / |pred| (a direction with none counts 0, as in Depth
+    Pro), F1 = 2PR / (P + R) (0 when both are 0); the thresholds are weighted by t / sum(t)."""
+    p, g = pred_m.detach().double(), depth_m.detach().double()
+    weights = torch.tensor(thresholds, dtype=torch.float64, device=p.device)
+    weights = weights / weights.sum()
+    count = lambda m: m.flatten(1).sum(1).double()
+    total = torch.zeros(p.shape[0], dtype=torch.float64, device=p.device)
+    for t, weight in zip(thresholds, weights):
+        recall = precision = 0.0
+        for mp, mg in zip(contour_masks(p, t, valid), contour_masks(g, t, valid)):
+            hits = count(mp & mg)
+            recall = recall + 0.25 * hits / count(mg).clamp_min(1)
+            precision = precision + 0.25 * hits / count(mp).clamp_min(1)
+        f1 = torch.where(recall + precision > 0, 2 * recall * precision / (recall + precision).clamp_min(1e-300), 0.0)
+        total = total + weight * f1
+    return total
+
+
+# ----------------------------------------------------------------------------------------------
+# Uncertainty: how well a per-pixel uncertainty ranks the real error (sparsification, as in Ilg et al. 2018 and
+# Poggi et al. 2020 "On the uncertainty of self-supervised monocular depth estimation")
+
+SPARSIFICATION_STEPS = 20  # remove 0%, 5%, ..., 95% of the pixels
+
+
+def sparsification(abs_err, uncertainty, steps=SPARSIFICATION_STEPS):
+    """{ause, aurg, curve, oracle} of one image (1-D or any shape, same for both): the RMSE of the pixels left after
+    removing the share k/steps (k = 0..steps-1) of them with the highest uncertainty (curve) and with the highest
+    true error (oracle, the best any uncertainty can do). AUSE = mean(curve - oracle), 0 for a perfect ranking;
+    AURG = mean(RMSE of all pixels - curve), > 0 when the ranking beats removing pixels at random, <= 0 when not."""
+    err = torch.as_tensor(abs_err).detach().double().flatten()
+    unc = torch.as_tensor(uncertainty).detach().double().flatten()
+    n = err.numel()
+
+    def curve(order):
+        sq = err[order] ** 2  # most uncertain (or most wrong) first
+        tail = sq.flip(0).cumsum(0).flip(0)  # tail[i]: sum over the pixels left after removing the first i
+        left = [n - int(k * n / steps) for k in range(steps)]
+        return torch.stack([torch.sqrt(tail[n - m] / m) for m in left])
+
+    sparse = curve(torch.argsort(unc, descending=True, stable=True))
+    oracle = curve(torch.argsort(err, descending=True, stable=True))
+    full = torch.sqrt((err ** 2).mean())
+    return {"ause": float((sparse - oracle).mean()), "aurg": float((full - sparse).mean()),
+            "curve": sparse.tolist(), "oracle": oracle.tolist()}
+
+
+# ----------------------------------------------------------------------------------------------
 # Figures
 
 def _to_numpy_image(x):
@@ -179,6 +363,17 @@ def depth_colors(depth_m):
     from matplotlib import colormaps
     scaled = np.nan_to_num(np.asarray(depth_m, dtype=np.float64) / MAX_DEPTH, nan=0.0)
     return (colormaps[DEPTH_CMAP](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+SIGNED_ERROR_CMAP = "RdBu_r"  # pred - gt: blue predicted too near, red too far, white right
+SIGNED_ERROR_M = 5.0  # metres at the ends of the signed-error colour scale
+
+
+def error_colors(signed_err_m):
+    """HxW pred - gt (metres) -> HxWx3 uint8 in SIGNED_ERROR_CMAP on [-SIGNED_ERROR_M, +SIGNED_ERROR_M]; NaN white."""
+    from matplotlib import colormaps
+    scaled = np.nan_to_num(np.asarray(signed_err_m, dtype=np.float64) / (2 * SIGNED_ERROR_M) + 0.5, nan=0.5)
+    return (colormaps[SIGNED_ERROR_CMAP](np.clip(scaled, 0, 1))[..., :3] * 255).round().astype(np.uint8)
 
 
 def visualize_img(rgb, depth, pred, path, title=None):
