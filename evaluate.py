@@ -47,10 +47,10 @@ from tqdm import tqdm
 from dataset import DepthDataset, load_rgb_uint8
 from model import (HEADS, checkpoint_train_hw, compiled, find_state_dict, fit_input, load_checkpoint,
                    model_from_checkpoint, predict_depth)
-from utils import (ALIGNMENTS, MAX_DEPTH, METRIC_NAMES, UserError, add_sums, align_depth, atomic_write, boundary_f1,
-                   depth_bin_sums, depth_colors, depth_range_mask, error_colors, fast_path, flag_range, lock_folder,
-                   metric_sums, one_line_errors, pick_device, positive_int, refuse_link, remove_stale_temps,
-                   sparsification, summarize, summarize_bins, unlock, visualize_img)
+from utils import (ALIGNMENTS, MAX_DEPTH, METRIC_NAMES, TEMP_NAME, UserError, add_sums, align_depth, atomic_write,
+                   boundary_f1, depth_bin_sums, depth_colors, depth_range_mask, error_colors, fast_path, flag_range,
+                   lock_folder, metric_sums, one_line_errors, pick_device, positive_int, refuse_link,
+                   remove_stale_temps, sparsification, summarize, summarize_bins, unlock, visualize_img)
 
 MARKER = ".written_by_evaluate_py"
 HELD_LOCKS = []  # --save_dir locks this process holds
@@ -474,10 +474,12 @@ def check_outputs(args):
         raise UserError("--fov and --intrinsics both describe the camera; pass one")
     if args.min_depth >= args.max_depth:
         raise UserError(f"--min_depth {args.min_depth:g} must be below --max_depth {args.max_depth:g}")
-    if args.save_dir and os.path.isdir(args.save_dir) and os.listdir(args.save_dir) \
-            and not os.path.exists(os.path.join(args.save_dir, MARKER)):
-        raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; "
-                        "choose another")
+    if args.save_dir and os.path.isdir(args.save_dir):
+        unlock(claim_lock(args.save_dir))  # another evaluate.py writing it now: say so, whatever it holds yet
+        if any(not TEMP_NAME.match(f) for f in os.listdir(args.save_dir)) \
+                and not os.path.exists(os.path.join(args.save_dir, MARKER)):
+            raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; "
+                            "choose another")
     if args.out:
         refuse_link(args.out, "--out")
     if args.out and os.path.exists(args.out):
@@ -490,14 +492,19 @@ def check_outputs(args):
             raise UserError(f"--out {args.out}: file exists and was not written by evaluate.py; choose another path")
 
 
-def claim_save_dir(save_dir):
-    """Lock --save_dir for this run (another evaluate.py writing it now: UserError), clear the temp files a killed run
-    left, and mark the folder ours and in progress (MARKER reads 'complete' once every file of a run is written)."""
-    os.makedirs(save_dir, exist_ok=True)
+def claim_lock(save_dir):
     lock = lock_folder(save_dir)
     if lock is None:
         raise UserError(f"--save_dir {save_dir}: another evaluate.py is writing this folder now; wait for it, or "
                         "choose another folder")
+    return lock
+
+
+def claim_save_dir(save_dir):
+    """Lock --save_dir for this run (another evaluate.py writing it now: UserError), clear the temp files a killed run
+    left, and mark the folder ours and in progress (MARKER reads 'complete' once every file of a run is written)."""
+    os.makedirs(save_dir, exist_ok=True)
+    lock = claim_lock(save_dir)
     remove_stale_temps(save_dir)
     atomic_write(os.path.join(save_dir, MARKER), lambda f: f.write(b"evaluate.py output: in progress\n"))
     HELD_LOCKS.append(lock)  # let go in main() when the run ends (and by the kernel when the process dies)

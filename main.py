@@ -482,7 +482,7 @@ def decay_epochs(args, max_epochs):
     return WSD["decay_fraction"] * max_epochs if args.decay_epochs is None else args.decay_epochs
 
 
-def make_scheduler(args, optimizer, total_steps, steps_per_epoch, max_epochs):
+def make_scheduler(args, optimizer, total_steps, steps_per_epoch=1):
     """Per-step LR schedule over total_steps (None for none, and for onecycle/cosine with --time_budget: those follow
     the clock instead, see `follow_clock`)."""
     total = max(1, total_steps)
@@ -490,7 +490,8 @@ def make_scheduler(args, optimizer, total_steps, steps_per_epoch, max_epochs):
     if args.time_budget and args.scheduler in ("onecycle", "cosine"):
         return None
     if args.scheduler == "wsd":
-        decay_start = total - round(decay_epochs(args, max_epochs) * steps_per_epoch)
+        decay_start = total - (round(WSD["decay_fraction"] * total) if args.decay_epochs is None
+                                else round(args.decay_epochs * steps_per_epoch))
         shape = functools.partial(wsd_factor, warmup_steps=max(1, round(WSD["warmup_epochs"] * steps_per_epoch)),
                                   decay_start=decay_start, total_steps=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
@@ -615,8 +616,7 @@ def build_run(args, env, data, ckpt):
         args=args, net=net, ema_net=ema_net, eval_net=ema_net if ema_net is not None else net,
         model=compiled(model) if args.compile else model, optimizer=optimizer,
         base_lrs=[g["lr"] for g in optimizer.param_groups],
-        scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs, data.steps_per_epoch,
-                                 max_epochs),
+        scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs, data.steps_per_epoch),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),
         loss_fn=build_loss(args.loss, args.head == "clip"), max_epochs=max_epochs, epoch=0, step=0, in_epoch=None,
         train_seconds=0.0, best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,

@@ -262,6 +262,13 @@ def test_same_seed_same_numbers(small_root, reference, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def claimed_dir(args):
+    """The run folder main.py claims for these arguments (its lock released at once)."""
+    run_dir, lock = main_mod.claim_run_dir(args)
+    utils.unlock(lock)
+    return run_dir
+
+
 def test_restarting_in_a_folder_left_before_the_first_checkpoint(small_root, tmp_path):
     """A run killed before its first last.pth leaves metrics/figures/temp files: the same command continues
     there (clearing the temp files). Anything else in the folder still counts as a run never overwritten."""
@@ -272,13 +279,13 @@ def test_restarting_in_a_folder_left_before_the_first_checkpoint(small_root, tmp
     (run_dir / ".last.pth.k2j4_9zq.tmp").write_bytes(b"partial")
     (run_dir / "figures" / ".epoch002_val3.png.a1b2c3d4.tmp").write_bytes(b"partial")
     args, _ = main_mod.parse_args(train_args(small_root, tmp_path, "r"))
-    assert main_mod.new_run_dir(args) == str(run_dir)
+    assert claimed_dir(args) == str(run_dir)
     utils.remove_stale_temps(str(run_dir))
     assert temps(str(run_dir)) == [] and (run_dir / "metrics.csv").exists()
     (run_dir / ".notes.tmp").write_text("mine")  # not an atomic_write temp name: kept
     (run_dir / "best.pth").write_bytes(b"a checkpoint")
     with pytest.raises(UserError, match="already holds a run"):
-        main_mod.new_run_dir(args)
+        claimed_dir(args)
     utils.remove_stale_temps(str(run_dir))
     assert (run_dir / ".notes.tmp").exists()
 
@@ -974,8 +981,8 @@ def test_a_folder_holding_only_a_users_metrics_and_curves_is_never_taken_for_a_k
     (run_dir / "curves.png").write_bytes(b"my own figure")
     args, _ = main_mod.parse_args(train_args(small_root, tmp_path, "r"))
     with pytest.raises(UserError, match="already holds a run"):
-        main_mod.new_run_dir(args)
+        claimed_dir(args)
     args.ckpt_name = None
     args.ckpt_dir, args.model = str(tmp_path), "r"
-    assert main_mod.new_run_dir(args) == str(tmp_path / "r-2")
+    assert claimed_dir(args) == str(tmp_path / "r-2")
     assert (run_dir / "metrics.csv").read_text() == "my own numbers\n"
