@@ -71,8 +71,9 @@ def length_table(branches, constant):
         cells = [f"{runs[k]['rmse']:.3f} / {runs[k]['ssim']:.3f}" if k in runs else "—" for k in folds]
         rmse, ssim_ = mean_std([r["rmse"] for r in runs.values()]), mean_std([r["ssim"] for r in runs.values()])
         start = {r.get("decay_from") for r in runs.values()} - {None}
+        spread = (lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}") if len(runs) > 1 else (lambda ms: f"{ms[0]:.3f} (1 fold)")
         lines.append(f"| {length} | {', '.join(f'{s:g}' for s in sorted(start)) or '?'} | " + " | ".join(cells)
-                     + f" | {rmse[0]:.3f} ± {rmse[1]:.3f} | {ssim_[0]:.3f} ± {ssim_[1]:.3f} |")
+                     + f" | {spread(rmse)} | {spread(ssim_)} |")
     if constant:
         lines += ["", "The constant-LR runs' own evaluations (EMA weights, no decay):", "",
                   "| epoch | " + " | ".join(f"fold {k} RMSE / SSIM" for k in sorted(constant)) + " |",

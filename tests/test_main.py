@@ -306,11 +306,15 @@ def test_wsd_factor_by_hand():
     assert all(constant(s) == 1.0 for s in range(10, 150))
 
 
+LIGHT = ["--model", "effnet_unet", "--no-pretrained", "--batch_size", "4", "--train_eval_frames", "4",
+         "--visualize_every", "0", "--seed", "3", "--device", "cpu", "--amp", "none"]  # the smallest model, for schedules
+
+
 def test_wsd_branch_is_the_dedicated_run_bit_for_bit(synthetic_root, tmp_path, capsys):
     """A 2-epoch branch (1 epoch of decay) from epoch 1 of a constant run trains exactly the run that the same length
     trains from scratch: every weight and every metric equal, the source run untouched."""
     common = ["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep", "9",
-              "--evaluate_every", "1"] + FAST
+              "--evaluate_every", "1"] + LIGHT
     assert main_mod.main(common + ["--ckpt_name", "const", "--max_epochs", "2", "--decay_epochs", "0"]) == 0
     assert main_mod.main(common + ["--ckpt_name", "dedicated", "--max_epochs", "2", "--decay_epochs", "1"]) == 0
     source = tmp_path / "const" / "epoch001.pth"
@@ -329,7 +333,7 @@ def test_wsd_branch_is_the_dedicated_run_bit_for_bit(synthetic_root, tmp_path, c
 
 
 def test_branch_refusals_are_one_line(synthetic_root, tmp_path, capsys):
-    common = ["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep", "9"] + FAST
+    common = ["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep", "9"] + LIGHT
     assert main_mod.main(common + ["--ckpt_name", "decayed", "--max_epochs", "2", "--decay_epochs", "1.5",
                                    "--evaluate_every", "1"]) == 0
     capsys.readouterr()
