@@ -307,7 +307,7 @@ def test_wsd_factor_by_hand():
 
 
 LIGHT = ["--model", "effnet_unet", "--no-pretrained", "--batch_size", "4", "--train_eval_frames", "4",
-         "--visualize_every", "0", "--seed", "3", "--device", "cpu", "--amp", "none"]  # the smallest model, for schedules
+         "--visualize_every", "0", "--seed", "3", "--device", "cpu", "--amp", "none"]  # the smallest model
 
 
 def test_wsd_branch_is_the_dedicated_run_bit_for_bit(synthetic_root, tmp_path, capsys):
