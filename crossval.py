@@ -78,9 +78,8 @@ def length_table(branches, constant):
         lines += ["", "The constant-LR runs' own evaluations (EMA weights, no decay):", "",
                   "| epoch | " + " | ".join(f"fold {k} RMSE / SSIM" for k in sorted(constant)) + " |",
                   "|---" * (len(constant) + 1) + "|"]
-        epochs = sorted({e for rows in constant.values() for e, _, _ in rows})
-        for e in epochs:
-            by_fold = {k: {r[0]: r for r in rows} for k, rows in constant.items()}
+        by_fold = {k: {r[0]: r for r in rows} for k, rows in constant.items()}
+        for e in sorted({e for rows in constant.values() for e, _, _ in rows}):
             cells = [f"{by_fold[k][e][1]:.3f} / {by_fold[k][e][2]:.3f}" if e in by_fold[k] else "—"
                      for k in sorted(constant)]
             lines.append(f"| {e} | " + " | ".join(cells) + " |")

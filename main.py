@@ -130,6 +130,11 @@ def check_branch(args, ckpt, source):
     """A branch trains on from its checkpoint to a longer --max_epochs; with wsd its decay starts at or after the
     checkpoint, where the source run was still constant, so it equals a run of that length trained from scratch.
     Its folder defaults to the source's name + _e<max_epochs>, beside the source folder."""
+    fixed = [k for k in ("model", "encoder", "head", "drop_path", "folds", "fold", "guard", "train_splits",
+                         "batch_size", "seed") if getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
+    if fixed:
+        raise UserError(f"--branch {source}: a branch keeps the run's model, data and batches; it cannot "
+                        f"change {', '.join('--' + k for k in fixed)}")
     done = epochs_done(ckpt)
     if args.max_epochs is None or args.max_epochs <= done:
         raise UserError(f"--branch {source}: it has {done} epoch(s) done; give a longer --max_epochs")
@@ -273,11 +278,6 @@ def parse_args(argv):
     if init is not None:
         check_init_flags(args, init)
     if pre.branch:
-        fixed = [k for k in ("model", "encoder", "head", "drop_path", "folds", "fold", "guard", "train_splits",
-                             "batch_size", "seed") if getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
-        if fixed:
-            raise UserError(f"--branch {pre.branch}: a branch keeps the run's model, data and batches; it cannot "
-                            f"change {', '.join('--' + k for k in fixed)}")
         check_branch(args, ckpt, pre.branch)
     if pre.resume:
         check_resume_flags(args, ckpt["args"], pre.resume)
@@ -490,8 +490,7 @@ def make_scheduler(args, optimizer, total_steps, steps_per_epoch=1):
     if args.time_budget and args.scheduler in ("onecycle", "cosine"):
         return None
     if args.scheduler == "wsd":
-        decay_start = total - (round(WSD["decay_fraction"] * total) if args.decay_epochs is None
-                                else round(args.decay_epochs * steps_per_epoch))
+        decay_start = total - round(decay_epochs(args, total / steps_per_epoch) * steps_per_epoch)
         shape = functools.partial(wsd_factor, warmup_steps=max(1, round(WSD["warmup_epochs"] * steps_per_epoch)),
                                   decay_start=decay_start, total_steps=total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
@@ -592,8 +591,8 @@ def epochs_to_run(args, is_synthetic):
 def build_run(args, env, data, ckpt):
     """Everything that changes while training (model, its average, optimizer, schedule, counters, history), made from
     the arguments, or from a checkpoint to continue it exactly."""
+    source = args.resume or args.branch  # the checkpoint a run continues (ckpt), if any
     if ckpt is not None:
-        source = args.resume or args.branch
         net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], source)
     elif args.init:
         net = model_from_init(args, env, data)
@@ -622,12 +621,11 @@ def build_run(args, env, data, ckpt):
         train_seconds=0.0, best={"val_rmse": float("inf"), "epoch": None}, history=[], stop_signal=None, dir=None,
         train_hw=list(data.train_hw), step_log=[], lock=None, frames=frame_record(data))
     if ckpt is not None:
-        check_resumed_data(ckpt, data, args.resume or args.branch, env.log)
-        restore_training_state(run, ckpt, args.resume or args.branch)
+        check_resumed_data(ckpt, data, source, env.log)
+        restore_training_state(run, ckpt, source)
         if args.branch:  # a branch's best.pth is the best of its own evaluations
             run.best = {"val_rmse": float("inf"), "epoch": None}
-        env.log(f"{'resumed' if args.resume else 'branched from'} {args.resume or args.branch}: {run.epoch} epoch(s) "
-                f"done, step {run.step}")
+        env.log(f"{'resumed' if args.resume else 'branched from'} {source}: {run.epoch} epoch(s) done, step {run.step}")
     if env.main:
         run.dir, run.lock = claim_run_dir(args)
     if env.world > 1:
