@@ -37,6 +37,7 @@ from PIL import Image
 import dataset as ds_lib
 import main as train_lib
 import model as model_lib
+from export import export_graph, load_graph
 from losses import build_loss
 from model import predict_depth
 from utils import (UserError, atomic_write, cpu_model_name, fast_path, non_negative_int, one_line_errors, pick_device,
@@ -295,8 +296,8 @@ def deploy_latency(args):
                                                          channels_last=True)}
     with tempfile.TemporaryDirectory(prefix="bench_deploy_") as tmp:
         for name, suffix in (("torchscript", ".pt"), ("onnxruntime", ".onnx")):
-            graph_path = model_lib.export_graph(args.deploy, os.path.join(tmp, "model" + suffix), load_args.tta)
-            predict = model_lib.load_graph(graph_path)[0]
+            graph_path = export_graph(args.deploy, os.path.join(tmp, "model" + suffix), load_args.tta)
+            predict = load_graph(graph_path)[0]
             paths[name] = lambda rgb, _, predict=predict: predict(rgb)
     print(f"--deploy {args.deploy}: {config['name']} {config.get('encoder')}, tta {load_args.tta}, {hw[1]}x{hw[0]} "
           f"random frames; {cpu_model_name()}, {torch.get_num_threads()} threads (ONNX Runtime too); eager_fast: "

@@ -44,9 +44,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from checkpoint import checkpoint_train_hw, model_from_checkpoint, nonfinite_tensors, read_checkpoint
 from dataset import DepthDataset, load_rgb_uint8
-from model import (HEADS, checkpoint_train_hw, compiled, find_state_dict, fit_input, load_checkpoint,
-                   model_from_checkpoint, predict_depth)
+from model import HEADS, compiled, fit_input, predict_depth
 from utils import (ALIGNMENTS, MAX_DEPTH, METRIC_NAMES, TEMP_NAME, UserError, add_sums, align_depth, atomic_write,
                    boundary_f1, depth_bin_sums, depth_colors, depth_range_mask, error_colors, fast_path, flag_range,
                    lock_folder, metric_sums, one_line_errors, pick_device, positive_int, refuse_link,
@@ -132,23 +132,12 @@ def get_parser():
 
 def load_model(args, device):
     """The model a checkpoint describes (or --model for a bare state dict), weights loaded, in eval mode."""
-    ckpt = load_checkpoint(args.ckpt, map_location="cpu")
-    described = "state_dict" in ckpt and isinstance(ckpt.get("model"), dict) and "name" in ckpt["model"]
-    try:
-        state = find_state_dict(ckpt, args.ckpt)
-    except UserError:
-        raise UserError(f"{args.ckpt}: " + ("its state_dict holds something other than tensors" if described else
-                        "not a depth checkpoint (no model description and no state dict of tensors)")) from None
-    if described:
-        config = dict(ckpt["model"])
-    elif args.model:
-        config = {"name": args.model, "encoder": args.encoder, "head": args.head}
-    else:
-        raise UserError(f"{args.ckpt}: a bare state dict with no model description; pass --model NAME "
-                        f"(and --encoder/--head if not the defaults)")
+    bare_model = {"name": args.model, "encoder": args.encoder, "head": args.head} if args.model else None
+    ckpt = read_checkpoint(args.ckpt, bare_model=bare_model)
+    config = dict(ckpt["model"])
     if args.tta is None:  # a shipped checkpoint names the test-time augmentation it was validated with
         args.tta = "flip" if ckpt.get("tta") == "flip" else "none"
-    net = model_from_checkpoint(config, state, args.ckpt)
+    net = model_from_checkpoint(config, ckpt["state_dict"], args.ckpt)
     net.train_pixels = math.prod(checkpoint_train_hw(ckpt))  # much larger images (photos): about this many pixels
     return net.to(device).eval(), config
 
@@ -518,7 +507,7 @@ def run(args):
     device = pick_device(args.device)
     amp_dtype, channels_last, why = fast_path(device, args.amp)
     net, config = load_model(args, device)
-    nonfinite = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    nonfinite = nonfinite_tensors(net.state_dict())
     if nonfinite:
         print(f"warning: {args.ckpt}: {len(nonfinite)} tensor(s) hold NaN/inf (e.g. {nonfinite[0]}); "
               "predictions will be wrong",

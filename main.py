@@ -40,12 +40,14 @@ from tqdm import tqdm
 
 import dataset as ds_lib
 import synthetic
+from checkpoint import (checkpoint_train_hw, model_from_checkpoint, nonfinite_tensors, read_checkpoint,
+                        save_checkpoint)
 from crossval import cv_table
 from evaluate import evaluate_batches, frame_batches
+from export import export_model
 from losses import build_loss
-from model import (HEADS, build_model, checkpoint_train_hw, compiled, depthwise_fp32_in_training, export_model,
-                   fit_input, freeze_encoder, list_models, load_checkpoint, load_main_checkpoint, model_from_checkpoint,
-                   param_groups, predict_depth, save_checkpoint, summary_text)
+from model import (HEADS, build_model, compiled, depthwise_fp32_in_training, fit_input, freeze_encoder, list_models,
+                   param_groups, predict_depth, summary_text)
 from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, lock_folder,
                    non_negative_float, non_negative_int, one_line_errors, pick_device, plot_curves, positive_float,
                    positive_int, remove_stale_temps, seed_everything, summarize, unlock, visualize_img)
@@ -116,7 +118,6 @@ RECIPE_GAPS = {  # what a recipe cannot reproduce as the report did it; printed 
              "evaluation clamps every prediction to [0, 20] m, the ground truth's range, as for every model"],
 }
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
-RESUME_KEYS = ("args", "model", "state_dict", "optimizer", "epoch", "step", "best", "history", "rng")
 RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folder with it is ever continued
 STEP_LOG = "loss_steps.csv"  # step, epoch, loss, lr of every training step
 EPOCH_FILE = re.compile(r"^epoch\d{3,}\.pth$")  # the epoch snapshots main.py writes (and prunes: no other file)
@@ -259,19 +260,15 @@ def parse_args(argv):
         raise UserError("--resume continues a run in its folder, --branch continues one in a new folder: pick one")
     source = pre.resume or pre.branch
     if source:
-        ckpt = load_checkpoint(source)
-        saved, missing = ckpt.get("args"), [k for k in RESUME_KEYS if k not in ckpt]
-        if not isinstance(saved, dict) or missing:
-            raise UserError(f"{source}: not a main.py training checkpoint (no {', '.join(missing) or 'args'} "
-                            f"recorded); it cannot be {'resumed' if pre.resume else 'branched'}")
+        ckpt = read_checkpoint(source, "--resume" if pre.resume else "--branch")
         not_kept = ("resume", "branch", "stop_after_epochs", "list_models") + (("ckpt_name",) if pre.branch else ())
-        parser.set_defaults(**{k: v for k, v in saved.items() if k not in not_kept})
+        parser.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in not_kept})
     elif pre.recipe:
         parser.set_defaults(**RECIPES[pre.recipe])
     if pre.init and source:
         raise UserError("--init starts a new run from a checkpoint's weights; --resume and --branch continue a run "
                         "with its optimizer and schedule: pick one")
-    init = load_main_checkpoint(pre.init) if pre.init else None
+    init = read_checkpoint(pre.init, "--init") if pre.init else None
     if init is not None:  # the model it holds, unless a flag asks for another (one line naming what differs)
         parser.set_defaults(**init_model_flags(init))
     args = parser.parse_args(argv)
@@ -666,7 +663,7 @@ def check_init_flags(args, init):
 def model_from_init(args, env, data):
     """--init: the model of a checkpoint with its evaluated weights (state_dict: the average with --ema), for a new run
     (parse_args has checked that the model flags ask for this model)."""
-    ckpt = load_main_checkpoint(args.init)
+    ckpt = read_checkpoint(args.init, "--init")
     net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.init)
     hw = checkpoint_train_hw(ckpt)
     env.log(f"initialised from {args.init} (its evaluated weights, after {epochs_done(ckpt)} epoch(s) of its run); "
@@ -740,7 +737,7 @@ def kept_message(run_dir):
 def save_checkpoints(run, env, names):
     """Write the training state under each name in the run folder (rank 0). Weights holding NaN/inf (a step with a
     finite loss but NaN gradients) never replace a good checkpoint: FloatingPointError instead."""
-    bad = [k for k, v in run.net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_tensors(run.net.state_dict())
     if bad:
         epoch = run.epoch + (1 if run.in_epoch else 0)
         raise FloatingPointError(f"weights hold NaN/inf (e.g. {bad[0]}) after step {run.step} (epoch {epoch}); "
@@ -813,7 +810,7 @@ def repair_run_dir(run, env):
     write_step_log(run)  # a kill after the log's write but before last.pth's would leave it steps ahead
     if not run.in_epoch and run.best["epoch"] == run.epoch:  # only a resumed run has a best epoch here
         try:
-            best = load_checkpoint(os.path.join(run.dir, "best.pth"))
+            best = read_checkpoint(os.path.join(run.dir, "best.pth"), "--resume")
             stale = epochs_done(best) != run.epoch
         except UserError:
             stale = True

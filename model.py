@@ -10,9 +10,8 @@ mean/std) and returns depth [B,1,H,W] in metres at the input's size, for any H, 
     convnext_unet the ConvNeXt report: timm ConvNeXt + residual U-Net decoder
     effnet_unet   EfficientNet-Lite0 (offline ImageNet weights) + residual U-Net decoder
 
-The checkpoint format lives here too (writing, safe reading, rebuilding the model a checkpoint
-describes, export; TorchScript and ONNX graphs of predict_depth), with `predict_depth`, the one
-inference path of training-time evaluation, evaluate.py and benchmark.py.
+`predict_depth` is the one inference path of training-time evaluation, evaluate.py, benchmark.py and the
+exported graphs. The checkpoint format is in checkpoint.py, export (TorchScript, ONNX, slim .pth) in export.py.
 
 Heads: "clip" (default) is an unbounded linear output, returned raw in training (the clip-aware
 losses count >20 m as right where the truth is at the 20 m clip) and clamped to [0, 20] in eval;
@@ -21,38 +20,28 @@ with PyTorch's default initialisation, trained with plain losses (`predict_depth
 
     python model.py --check-imagenet cat.jpg   # verifies the offline EfficientNet-Lite weights
 """
-import contextlib
 import functools
 import glob
 import importlib
 import inspect
-import io
-import json
 import math
 import os
-import pickle
-import pickletools
-import re
 import sys
-import warnings
-import zipfile
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import MAX_DEPTH, UserError, atomic_write, autocast, first_line, refuse_special_file
+from safe_load import find_state_dict, safe_load
+from utils import MAX_DEPTH, UserError, autocast, first_line
 
 HEADS = ("clip", "sigmoid", "linear")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EFFNET_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 STEM_NAMES = ("conv_stem", "bn1", "conv1", "stem", "stem_0", "stem_1")  # encoder stems (timm names), for freezing
-CKPT_FORMAT = "depthkit-checkpoint-v1"
 TRAIN_HW = (144, 256)  # DepthEstimationUnreal's frames: the training size of checkpoints that do not record theirs
 LARGE_INPUT = 2.0  # inputs of more than this many times the training frame's pixels are predicted at about its size
-INFLATE_SLACK = 2 ** 20  # bytes a checkpoint's zip records may hold beyond the file's own size
-CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "EXT1", "EXT2", "EXT4"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -157,6 +146,12 @@ def compiled(model, backend="inductor"):
         return model
 
 
+def unwrapped(model):
+    """The model inside torch.compile's and DistributedDataParallel's wrappers (itself when it has none)."""
+    net = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(net, "module", net)  # DistributedDataParallel
+
+
 def fit_input(rgb, input_size):
     """RGB resized (bilinear, antialiased) to a model's fixed input size; unchanged when it has none or fits."""
     if not input_size or tuple(rgb.shape[-2:]) == tuple(input_size):
@@ -185,7 +180,7 @@ def predict_depth(model, rgb, out_hw=None, tta=False, amp_dtype=None, channels_l
     tta=True averages with the prediction of the horizontally flipped image. Call in eval mode.
     """
     out_hw = tuple(out_hw or rgb.shape[-2:])
-    net = getattr(model, "module", model)
+    net = unwrapped(model)
     size = working_size(rgb.shape[-2:], getattr(net, "input_size", None), getattr(net, "train_pixels", None))
     x = fit_input(rgb, size)
     if tta:
@@ -306,7 +301,7 @@ def make_encoder(name, pretrained=False, drop_path=0.0):
 def read_state_dict(path):
     """An encoder's state dict from a file (read safely, as checkpoints are); a whole depthkit model gives its
     encoder."""
-    sd = find_state_dict(load_checkpoint(path), path)
+    sd = find_state_dict(safe_load(path), path)
     # a whole depthkit model
     if any(k.startswith("encoder.") for k in sd) and any(k.startswith("decoder.") for k in sd):
         sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
@@ -493,8 +488,7 @@ def build_model(name, pretrained=False, encoder=None, encoder_weights=None, head
 
 def param_groups(model):
     """(encoder parameters, decoder parameters), those that require grad, for two learning rates."""
-    net = getattr(model, "_orig_mod", model)  # torch.compile
-    net = getattr(net, "module", net)  # DistributedDataParallel
+    net = unwrapped(model)
     encoder_ids = {id(p) for p in net.encoder.parameters()}
     encoder_params = [p for p in net.encoder.parameters() if p.requires_grad]
     decoder_params = [p for p in net.parameters() if p.requires_grad and id(p) not in encoder_ids]
@@ -575,329 +569,6 @@ def summary_text(net, hw=None):
                  f"trainable); {flops / 1e9:.2f} GFLOPs per image (convolutions and matrix products, a multiply-add "
                  f"= 2 FLOPs)")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------
-# checkpoints: one self-describing format of plain types and tensors (torch.load(weights_only=True) reads it)
-
-def save_checkpoint(path, ckpt):
-    """Write a checkpoint dict atomically. It must hold 'model' (name + options) and 'state_dict'."""
-    for key in ("model", "state_dict"):
-        if key not in ckpt:
-            raise ValueError(f"checkpoint dict lacks '{key}'")
-    ckpt = dict(ckpt, format=CKPT_FORMAT)
-    buf = io.BytesIO()  # torch.save straight to a file turns a full disk into "unexpected pos ..." RuntimeErrors
-    torch.save(ckpt, buf)
-    atomic_write(path, lambda f: f.write(buf.getbuffer()))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint or a bare state dict safely (weights_only=True); UserError on anything else.
-
-    Returns the loaded dict. A dict of tensors (a bare state_dict) comes back as it is; the caller
-    decides whether it can use one.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"{path}: checkpoint file not found")
-    if os.path.isdir(path):
-        raise UserError(f"{path}: is a folder, not a checkpoint file")
-    refuse_special_file(path)
-    size = os.path.getsize(path)
-    if size == 0:
-        raise UserError(f"{path}: checkpoint file is empty (0 bytes)")
-    inflated = zip_records_bytes(path)
-    if inflated > size + INFLATE_SLACK:
-        raise UserError(f"{path}: refused: its records inflate to {inflated / 2 ** 20:.0f} MiB from a "
-                        f"{size / 2 ** 20:.1f} MiB file (torch.save never compresses)")
-    try:
-        with warnings.catch_warnings():  # torch warns about legacy pickles; the refusal below says it in one line
-            warnings.simplefilter("ignore")
-            obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
-        if would_run_code(path, e):
-            raise UserError(f"{path}: refused: it holds Python objects other than tensors and plain types "
-                            f"(loading it could run code); only weights-only checkpoints are accepted") from None
-        detail = first_line(str(e).split("WeightsUnpickler error:", 1)[-1].strip() or e)
-        if re.search(r"weights_only|trust", detail, re.IGNORECASE):  # never pass on advice to load it unsafely
-            detail = type(e).__name__
-        raise UserError(f"{path}: not a readable checkpoint (truncated, corrupt or not a PyTorch file: "
-                        f"{detail[:200]})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path}: not a checkpoint (holds a {type(obj).__name__}, expected a dict)")
-    return obj
-
-
-def zip_records_bytes(path):
-    """Total uncompressed bytes of a zip file's records (a torch.save file is a zip of stored records); 0 for a
-    file that is not a zip."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return sum(info.file_size for info in z.infolist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return 0
-
-
-def would_run_code(path, error):
-    """Whether torch's weights-only refusal of a file is for code: its refusal of a global (in any wording), or a
-    pickle (raw, or a zip's data.pkl) that scans whole to its end and imports or calls something (random bytes
-    do not). Scanned, never unpickled."""
-    if not isinstance(error, pickle.UnpicklingError):
-        return False
-    if re.search(r"global|unsupported class", str(error), re.IGNORECASE):
-        return True
-    try:
-        with contextlib.ExitStack() as stack:
-            if zipfile.is_zipfile(path):
-                archive = stack.enter_context(zipfile.ZipFile(path))
-                stream = stack.enter_context(archive.open(next(n for n in archive.namelist()
-                                                                if n.endswith("data.pkl"))))
-            else:
-                stream = stack.enter_context(open(path, "rb"))
-            opcodes = {op.name for op, _, _ in pickletools.genops(stream)}
-            whole = stream.read(1) == b""  # the pickle ends where the file (or record) does
-    except Exception:  # noqa: BLE001 - not a whole pickle: random bytes or a damaged file
-        return False
-    return whole and bool(opcodes & CODE_OPCODES)
-
-
-def is_state_dict(obj):
-    return (isinstance(obj, dict) and len(obj) > 0
-            and all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()))
-
-
-def find_state_dict(obj, source):
-    """The state dict in a loaded file: the file itself, or the one under 'state_dict', 'model_state_dict' or
-    'model'; without a 'module.' prefix (DistributedDataParallel). UserError naming `source` when there is none."""
-    state = next((obj[k] for k in ("state_dict", "model_state_dict", "model") if is_state_dict(obj.get(k))), obj)
-    if not is_state_dict(state):
-        raise UserError(f"{source}: holds no state dict (a dict of tensors, or one under 'state_dict', "
-                        f"'model_state_dict' or 'model')")
-    return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def model_from_checkpoint(config, state, source):
-    """The model a checkpoint describes (config: model name and options), with its weights loaded.
-
-    UserError naming `source` when the description cannot be built or the weights do not fit it. Options
-    that would fetch or read other files (pretrained, encoder_weights) are ignored: the weights are here.
-    """
-    if not isinstance(config, dict) or not is_state_dict(state):
-        raise UserError(f"{source}: not a depth checkpoint (no model description and state dict of tensors)")
-    config = {k: v for k, v in config.items() if k not in ("pretrained", "encoder_weights")}
-    try:
-        with torch.device("meta"):  # shapes only, no memory: a description of absurd size is refused before it is built
-            own = build_model(**config).state_dict()
-    except (UserError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"{source}: cannot build the model it describes ({first_line(e)})") from None
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        parts = [f"{len(x)} {what} (e.g. {', '.join(x[:3])})" for x, what in
-                 [(missing, "missing keys"), (unexpected, "unexpected keys"), (wrong, "shape mismatches")] if x]
-        raise UserError(f"{source}: weights do not fit model '{config['name']}': " + "; ".join(parts))
-    net = build_model(**config)  # as large as the tensors already loaded
-    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return net
-
-
-def load_main_checkpoint(src):
-    """A main.py checkpoint (model description + state dict) read safely; UserError naming src for anything else."""
-    ckpt = load_checkpoint(src)
-    if not isinstance(ckpt.get("model"), dict) or not is_state_dict(ckpt.get("state_dict")):
-        raise UserError(f"{src}: not a main.py checkpoint (no model description and state dict)")
-    return ckpt
-
-
-def refuse_existing(dst):
-    if os.path.lexists(dst):  # a dangling link too
-        raise UserError(f"{dst}: exists; export writes a new file only (move the old one away first)")
-
-
-def checkpoint_train_hw(ckpt):
-    """The (H, W) a checkpoint was trained at, as it records it; TRAIN_HW for one that does not (or records junk)."""
-    hw = ckpt.get("train_hw")
-    ok = isinstance(hw, (list, tuple)) and len(hw) == 2 and all(isinstance(x, int) and x > 0 for x in hw)
-    return tuple(hw) if ok else TRAIN_HW
-
-
-def export_checkpoint(src, dst, half=False, tta=None):
-    """A shippable copy of a training checkpoint: the evaluated weights (fp16 with half=True) and the run's record
-    (args, history, best), without optimizer or resume state. Never overwrites dst. tta: the test-time augmentation
-    evaluate.py applies by default to this checkpoint ("flip" or None)."""
-    ckpt = load_main_checkpoint(src)
-    refuse_existing(dst)
-    state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
-    slim = {k: ckpt[k] for k in ("model", "input_size", "train_hw", "epoch", "step", "best", "args", "history",
-                                 "versions", "train_seconds")
-            if k in ckpt}
-    save_checkpoint(dst, dict(slim, state_dict=state, exported_from=os.path.basename(src), tta=tta))
-    return dst
-
-
-# ------------------------------------------------------------------------------------------------
-# deployable graphs: TorchScript (.pt) and ONNX (.onnx) of predict_depth, the contract in the file's metadata
-
-GRAPH_FORMATS = {".pt": "TorchScript", ".onnx": "ONNX"}
-CONTRACT_KEY = "depthkit_contract"  # TorchScript: the _extra_files name; ONNX: the metadata_props key
-ONNX_OPSET = 17
-ONNX_HINT = "pip install onnx onnxruntime"
-PARITY_TOL_M = 1e-3  # largest |graph - predict_depth| (metres) an export accepts: TorchScript measured bit-identical,
-# ONNX Runtime up to 8.4e-5 m (mean 2.6e-6 m) on 32 val frames with the shipped checkpoint
-
-
-class DeployedDepth(nn.Module):
-    """What an exported graph computes: predict_depth of a model (fp32, flip TTA if asked) on RGB [B,3,H,W] float
-    in [0, 1]; metres [B,1,H,W] in [0, 20] at the input's size. A module because tracing takes one."""
-
-    def __init__(self, net, tta):
-        super().__init__()
-        self.net, self.tta = net, tta
-
-    def forward(self, rgb):
-        return predict_depth(self.net, rgb, tta=self.tta)
-
-
-def import_optional(name):
-    """onnx or onnxruntime, imported only where ONNX is exported or run; UserError with the install line if absent."""
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        raise UserError(f"ONNX needs the optional packages onnx and onnxruntime ({name} is missing): {ONNX_HINT}"
-                        ) from None
-    except Exception as e:  # noqa: BLE001 - installed but broken (a bad build, a missing library): one line
-        raise UserError(f"{name} is installed but importing it fails ({type(e).__name__}: {first_line(e)[:200]}); "
-                        f"reinstall it: pip install --force-reinstall onnx onnxruntime") from None
-
-
-def graph_contract(src, ckpt, net, tta, fmt):
-    """The input/output contract written into an exported file (JSON under CONTRACT_KEY)."""
-    axes, fixed = ["batch", 3, "height", "width"], getattr(net, "input_size", None)
-    size = f"resized inside to the model's fixed input {fixed[0]}x{fixed[1]} and back" if fixed else \
-        "predicted at the input's own size (any H, W)"
-    return {
-        "format": f"depthkit {fmt} graph v1", "source": os.path.basename(os.fspath(src)), "model": ckpt["model"],
-        "input": {"name": "rgb", "shape": axes, "dtype": "float32", "range": [0.0, 1.0], "channels": "RGB",
-                  "note": "ImageNet normalisation is inside the graph; pass plain RGB / 255"},
-        "output": {"name": "depth_m", "shape": ["batch", 1, "height", "width"], "dtype": "float32", "unit": "metres",
-                   "range": [0.0, MAX_DEPTH], "depth": "planar z-depth along the optical axis, clamped inside"},
-        "dynamic_axes": ["batch", "height", "width"], "size": size, "tta": "flip" if tta else "none",
-        "trained_hw": list(checkpoint_train_hw(ckpt)),
-        "large_inputs": f"evaluate.py predicts images of more than {LARGE_INPUT:g}x the trained pixels at about "
-                        "the trained size; this graph does not: resize such images before",
-        "parity_tol_m": PARITY_TOL_M, "torch": str(torch.__version__),
-    }
-
-
-def torchscript_bytes(graph, example, contract):
-    buf = io.BytesIO()
-    with warnings.catch_warnings():  # torch.jit's deprecation notices and TracerWarnings: check_graph is the test
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(graph, example, check_trace=False)
-        torch.jit.save(traced, buf, _extra_files={CONTRACT_KEY: json.dumps(contract)})
-    return buf.getvalue()
-
-
-def onnx_bytes(graph, example, contract):
-    """The legacy (TorchScript-based) exporter: offline, under a second, no onnxscript (torch's dynamo exporter
-    needs onnxscript and took minutes on this model)."""
-    onnx = import_optional("onnx")
-    buf, dynamic = io.BytesIO(), {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (example,), buf, dynamo=False, opset_version=ONNX_OPSET, input_names=["rgb"],
-                          output_names=["depth_m"], dynamic_axes={"rgb": dynamic, "depth_m": dynamic})
-    proto = onnx.load_from_string(buf.getvalue())
-    onnx.helper.set_model_props(proto, {CONTRACT_KEY: json.dumps(contract)})
-    return proto.SerializeToString()
-
-
-def load_graph(path_or_bytes):
-    """(predict(rgb tensor) -> depth tensor, contract dict) of an exported .pt or .onnx file (or its bytes)."""
-    if isinstance(path_or_bytes, bytes):
-        data = path_or_bytes
-    else:
-        with open(path_or_bytes, "rb") as f:
-            data = f.read()
-    if data[:2] == b"PK":  # a TorchScript file is a zip
-        extra = {CONTRACT_KEY: ""}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            module = torch.jit.load(io.BytesIO(data), map_location="cpu", _extra_files=extra)
-
-        def predict(rgb):
-            with torch.inference_mode():
-                return module(rgb)
-        return predict, json.loads(extra[CONTRACT_KEY])
-    ort = import_optional("onnxruntime")
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as PyTorch: comparable timings
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    contract = json.loads(session.get_modelmeta().custom_metadata_map[CONTRACT_KEY])
-    return lambda rgb: torch.from_numpy(session.run(None, {"rgb": rgb.numpy()})[0]), contract
-
-
-def check_graph(data, graph, hw, fmt, src):
-    """UserError unless the exported graph reproduces predict_depth within PARITY_TOL_M at the training size (batch
-    2) and at an odd smaller size (batch 1): a trace that froze a size or a branch fails here."""
-    predict, _ = load_graph(data)
-    gen = torch.Generator().manual_seed(0)
-    for shape in [(2, 3, *hw), (1, 3, hw[0] // 2 + 3, hw[1] // 2 + 5)]:
-        rgb = torch.rand(shape, generator=gen)
-        with torch.inference_mode():
-            want = graph(rgb)
-        got = predict(rgb)
-        diff = (got - want).abs().max().item() if got.shape == want.shape else math.inf
-        if not diff <= PARITY_TOL_M:
-            raise UserError(f"{src}: the {fmt} graph does not reproduce the model at {shape[2]}x{shape[3]} (batch "
-                            f"{shape[0]}): max difference {diff:.3g} m > {PARITY_TOL_M:g} m (a size or branch the "
-                            f"trace froze)")
-
-
-def export_graph(src, dst, tta=None):
-    """--export CKPT OUT.pt|OUT.onnx: a deployable graph of a main.py checkpoint (see DeployedDepth and
-    graph_contract), checked against predict_depth (check_graph), written atomically; never overwrites dst.
-    tta: "flip" or "none" baked into the graph; None takes the checkpoint's own (export --export_tta)."""
-    fmt = GRAPH_FORMATS[os.path.splitext(dst)[1].lower()]
-    if fmt == "ONNX":  # before any work: the install line
-        import_optional("onnx")
-        import_optional("onnxruntime")
-    ckpt = load_main_checkpoint(src)
-    refuse_existing(dst)
-    tta = ckpt.get("tta") == "flip" if tta is None else tta == "flip"
-    net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], src).float().eval()
-    graph = DeployedDepth(net, tta).eval()
-    hw = checkpoint_train_hw(ckpt)
-    example = torch.rand(2, 3, *hw, generator=torch.Generator().manual_seed(1))
-    try:
-        with torch.no_grad():
-            data = (torchscript_bytes if fmt == "TorchScript" else onnx_bytes)(graph, example,
-                                                                               graph_contract(src, ckpt, net, tta, fmt))
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - every tracer or exporter failure becomes one line for the user
-        hint = "; TorchScript (.pt) may still work" if fmt == "ONNX" else ""
-        raise UserError(f"{src}: model '{ckpt['model'].get('name')}' cannot be exported to {fmt} "
-                        f"({first_line(e)[:300]}){hint}") from None
-    check_graph(data, graph, hw, fmt, src)
-    atomic_write(dst, lambda f: f.write(data))
-    return dst
-
-
-def export_model(src, dst, half=False, tta=None):
-    """--export: by dst's suffix, .pth a slim checkpoint (export_checkpoint), .pt TorchScript, .onnx ONNX
-    (export_graph). tta None: .pth names none, a graph takes the checkpoint's own."""
-    suffix = os.path.splitext(os.fspath(dst))[1].lower()
-    if suffix == ".pth":
-        return export_checkpoint(src, dst, half, None if tta in (None, "none") else tta)
-    if suffix not in GRAPH_FORMATS:
-        raise UserError(f"{dst}: export picks the format by the suffix: .pth (checkpoint), .pt (TorchScript) or "
-                        f".onnx (ONNX), got {suffix or 'none'}")
-    if half:
-        raise UserError(f"{dst}: --export_fp16 is for .pth checkpoints; a {GRAPH_FORMATS[suffix]} graph is fp32")
-    return export_graph(src, dst, tta)
 
 
 # ------------------------------------------------------------------------------------------------

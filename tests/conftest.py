@@ -87,12 +87,13 @@ def constant_depth_ckpt(tmp_path_factory):
     """A checkpoint of a small model that predicts exactly CONSTANT_DEPTH_M everywhere (zero last conv, its bias)."""
     import torch
     import model as model_lib
+    from checkpoint import save_checkpoint
     net = model_lib.build_model("effnet_unet")
     with torch.no_grad():
         net.decoder.out.weight.zero_()
         net.decoder.out.bias.fill_(CONSTANT_DEPTH_M)
     path = str(tmp_path_factory.mktemp("constant") / "constant.pth")
-    model_lib.save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None})
+    save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None})
     return path
 
 

@@ -6,6 +6,7 @@ import pytest
 
 import benchmark
 import model as model_lib
+from checkpoint import save_checkpoint
 
 
 def test_benchmark_writes_every_figure(synthetic_root, tmp_path, capsys):
@@ -44,7 +45,7 @@ def test_deploy_latency_times_every_path(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     net = model_lib.build_model("effnet_unet")
     ckpt = str(tmp_path / "small.pth")
-    model_lib.save_checkpoint(ckpt, {"model": dict(net.config), "state_dict": net.state_dict(), "tta": "flip"})
+    save_checkpoint(ckpt, {"model": dict(net.config), "state_dict": net.state_dict(), "tta": "flip"})
     out = tmp_path / "deploy.json"
     assert benchmark.main(["--deploy", ckpt, "--deploy_batches", "1,2", "--steps", "1", "--repeats", "1",
                            "--json", str(out)]) == 0

@@ -13,8 +13,8 @@ import torch
 
 import evaluate
 import model as model_lib
+from checkpoint import save_checkpoint
 from dataset import load_depth_m
-from model import save_checkpoint
 from utils import ssim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,6 +12,7 @@ from PIL import Image
 import compare
 import evaluate
 import model as model_lib
+from checkpoint import save_checkpoint
 from conftest import CONSTANT_DEPTH_M, message_lines, write_frame
 from utils import (BOUNDARY_THRESHOLDS, align_depth, boundary_f1, depth_bin_sums, depth_range_mask, metric_sums,
                    sparsification, summarize, summarize_bins, add_sums)
@@ -149,7 +150,7 @@ def eight_m_ckpt(tmp_path_factory):
         net.decoder.out.weight.zero_()
         net.decoder.out.bias.fill_(8.0)
     path = str(tmp_path_factory.mktemp("eight") / "eight.pth")
-    model_lib.save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None})
+    save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None})
     return path
 
 

@@ -7,10 +7,14 @@ import pytest
 import torch
 import torch.nn as nn
 
+import export as export_lib
 import main as main_mod
 import model as model_lib
+from checkpoint import model_from_checkpoint, save_checkpoint
 from dataset import DepthDataset
-from model import PARITY_TOL_M, load_graph, model_from_checkpoint, predict_depth, save_checkpoint
+from export import CONTRACT_KEY, PARITY_TOL_M, load_graph
+from model import predict_depth
+from safe_load import safe_load
 
 
 def needs_onnx(suffix):
@@ -40,7 +44,7 @@ def test_graph_reproduces_predict_depth_on_synthetic_frames(flip_ckpt, synthetic
     out = tmp_path / ("model" + suffix)
     assert main_mod.main(["--export", flip_ckpt, str(out)]) == 0
     predict, contract = load_graph(str(out))
-    ckpt = model_lib.load_checkpoint(flip_ckpt)
+    ckpt = safe_load(flip_ckpt)
     net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], flip_ckpt).eval()
     test = DepthDataset(synthetic_root, split="test")
     rgb = torch.stack([test.load(i)[0] for i in range(len(test))])  # batch 6 (traced at 2), 144x256
@@ -66,7 +70,7 @@ def test_onnx_file_names_its_dynamic_axes_and_contract(flip_ckpt, tmp_path):
     assert [i.name for i in proto.graph.input] == ["rgb"] and [o.name for o in proto.graph.output] == ["depth_m"]
     assert dims(proto.graph.input[0]) == ["batch", 3, "height", "width"]
     assert dims(proto.graph.output[0]) == ["batch", 1, "height", "width"]
-    contract = json.loads({p.key: p.value for p in proto.metadata_props}[model_lib.CONTRACT_KEY])
+    contract = json.loads({p.key: p.value for p in proto.metadata_props}[CONTRACT_KEY])
     assert contract["tta"] == "none" and contract["dynamic_axes"] == ["batch", "height", "width"]
 
 
@@ -93,7 +97,7 @@ class FrozenBranch(nn.Module):
 
 
 def test_graph_that_froze_a_branch_fails_the_parity_check_in_one_line(flip_ckpt, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(model_lib, "model_from_checkpoint", lambda *_: FrozenBranch())
+    monkeypatch.setattr(export_lib, "model_from_checkpoint", lambda *_: FrozenBranch())
     assert main_mod.main(["--export", flip_ckpt, str(tmp_path / "frozen.pt")]) == 2
     line = one_error_line(capsys)
     assert "does not reproduce the model at 75x133" in line and not os.path.exists(tmp_path / "frozen.pt")

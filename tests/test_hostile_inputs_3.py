@@ -26,7 +26,9 @@ import evaluate
 import main as main_mod
 import model as model_lib
 import utils
+from checkpoint import save_checkpoint
 from conftest import ROOT, message_lines, small_scenes
+from safe_load import safe_load
 from utils import TEMP_NAME, UserError, atomic_write, lock_folder, unlock
 
 ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -50,7 +52,7 @@ def ckpt(tmp_path_factory):
     torch.manual_seed(0)
     net = model_lib.build_model("unet_res", encoder="mobilenetv3_small_050")
     path = str(tmp_path_factory.mktemp("h3ckpt") / "small.pth")
-    model_lib.save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None,
+    save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None,
                                      "train_hw": [48, 64]})
     return path
 
@@ -142,7 +144,7 @@ def test_two_main_py_runs_started_at_once_with_one_name(root, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["same"]
     rows = (run_dir / "metrics.csv").read_text().splitlines()
     assert len(rows) == 2 and temps(run_dir) == []  # header + epoch 1, written by one process
-    assert model_lib.load_checkpoint(str(run_dir / "last.pth"))["epoch"] == 1
+    assert safe_load(str(run_dir / "last.pth"))["epoch"] == 1
 
 
 def test_a_locked_folder_is_taken_by_default_names_and_refused_to_resume(cut_run, tmp_path):
@@ -267,8 +269,8 @@ def test_resume_from_a_users_folder_writes_nothing_there_and_says_what_it_kept(r
     assert "this session uses --data_dir " + moved + ", --workers 1" in out
     assert "the run's own frames, from a moved folder" in out and "its folder was not made by main.py" in out
     new = tmp_path / "runs" / "cut"
-    assert main_mod.RUN_MARKER in os.listdir(new) and model_lib.load_checkpoint(str(new / "last.pth"))["epoch"] == 2
-    ref = model_lib.load_checkpoint(os.path.join(cut_run, "last.pth"))
+    assert main_mod.RUN_MARKER in os.listdir(new) and safe_load(str(new / "last.pth"))["epoch"] == 2
+    ref = safe_load(os.path.join(cut_run, "last.pth"))
     assert ref["frames"]["train"] == [str(i) for i in range(8)]  # the record the comparison uses
 
 

@@ -11,7 +11,8 @@ import torch
 
 import main as main_mod
 import model as model_lib
-from model import load_checkpoint
+from checkpoint import model_from_checkpoint
+from safe_load import safe_load
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--model", "unet_res", "--encoder", "resnet18", "--no-pretrained", "--batch_size", "4",
@@ -58,7 +59,7 @@ def test_the_loss_per_step_averages_to_the_epochs_train_loss(two_epoch_run):
         losses = [float(r["loss"]) for r in steps if r["epoch"] == row["epoch"]]
         assert sum(losses) / len(losses) == pytest.approx(float(row["train_loss"]), rel=1e-12)
     assert float(steps[-1]["lr"]) == pytest.approx(float(rows[-1]["lr"]), rel=1e-12)  # the LR after the last step
-    ckpt = load_checkpoint(os.path.join(two_epoch_run, "last.pth"))
+    ckpt = safe_load(os.path.join(two_epoch_run, "last.pth"))
     assert [r[2] for r in ckpt["step_log"]] == [float(r["loss"]) for r in steps]  # the checkpoint keeps it all
 
 
@@ -73,8 +74,8 @@ def test_init_fine_tunes_from_the_checkpoints_weights(two_epoch_run, synthetic_r
     assert main_mod.main(argv) == 0
     run_dir = tmp_path / "unet_res"  # the model's name, from the checkpoint
     first = read_csv(run_dir / "loss_steps.csv")[0]
-    ckpt = load_checkpoint(init)
-    net = model_lib.model_from_checkpoint(ckpt["model"], ckpt["state_dict"], init).train()
+    ckpt = safe_load(init)
+    net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], init).train()
     train = dataset.DepthDataset(synthetic_root, split="train")
     idx = main_mod.epoch_order(len(train), 3, 0, 0, 1)[:4]  # --seed 3, epoch 0, one process; batch 4
     rgb, depth_m = torch.stack([train[i][0] for i in idx]), torch.stack([train[i][1] for i in idx])
@@ -83,7 +84,7 @@ def test_init_fine_tunes_from_the_checkpoints_weights(two_epoch_run, synthetic_r
         want = loss_fn(net(rgb), depth_m)[0].item()
         scratch = loss_fn(model_lib.build_model("unet_res", encoder="resnet18").train()(rgb), depth_m)[0].item()
     assert float(first["loss"]) == pytest.approx(want, rel=1e-4) and abs(scratch - want) > 0.05 * want
-    new = load_checkpoint(run_dir / "last.pth")
+    new = safe_load(run_dir / "last.pth")
     assert new["step"] == 6 and [h["epoch"] for h in new["history"]] == [1] and new["args"]["init"] == init
     assert new["scheduler"]["total_steps"] == 6  # its own one-epoch schedule, not the 12 steps of the first run
     assert "initialised from" in capsys.readouterr().out
@@ -205,7 +206,7 @@ def test_time_budget_stops_on_time_and_anneals(synthetic_root, tmp_path):
     rows = read_csv(tmp_path / "t" / "metrics.csv")
     assert len(rows) == 1 and rows[0]["step"] == "1" and float(rows[0]["train_minutes"]) >= budget_min
     assert float(rows[0]["lr"]) == pytest.approx(1e-3 / 25 / 1e4) and rows[0]["val_rmse"]  # annealed, then evaluated
-    assert load_checkpoint(tmp_path / "t" / "best.pth")["train_seconds"] >= 60 * budget_min
+    assert safe_load(tmp_path / "t" / "best.pth")["train_seconds"] >= 60 * budget_min
 
 
 def test_recipes_set_what_the_reports_say(capsys):
@@ -253,7 +254,7 @@ def test_torchrun_two_gloo_processes(synthetic_root, tmp_path):
     assert "2 process(es)" in r.stdout and r.stdout.count("epoch 1: train loss") == 1  # only rank 0 prints
     rows = read_csv(tmp_path / "ddp" / "metrics.csv")
     assert len(rows) == 1 and float(rows[0]["val_rmse"]) > 0
-    ckpt = load_checkpoint(tmp_path / "ddp" / "best.pth")
+    ckpt = safe_load(tmp_path / "ddp" / "best.pth")
     assert not any(k.startswith("module.") for k in ckpt["state_dict"])
     # a time budget under torchrun: both processes stop at the same step (else the collectives would hang)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -273,10 +274,10 @@ def test_export_ships_the_weights_and_the_tta_it_names(two_epoch_run, synthetic_
     best, out, out_flip = os.path.join(two_epoch_run, "best.pth"), tmp_path / "ship.pth", tmp_path / "ship_flip.pth"
     assert main_mod.main(["--export", best, str(out), "--export_fp16"]) == 0
     assert main_mod.main(["--export", best, str(out_flip), "--export_tta", "flip"]) == 0
-    shipped, full_precision = load_checkpoint(out), load_checkpoint(out_flip)
+    shipped, full_precision = safe_load(out), safe_load(out_flip)
     assert "optimizer" not in shipped and "train_state_dict" not in shipped and shipped["tta"] is None
     assert all(v.dtype == torch.float16 for v in shipped["state_dict"].values() if v.is_floating_point())
-    trained = load_checkpoint(best)["state_dict"]
+    trained = safe_load(best)["state_dict"]
     # fp32 export: the same weights
     assert all(torch.equal(full_precision["state_dict"][k], trained[k]) for k in trained)
     assert os.path.getsize(out) < 0.6 * os.path.getsize(best)

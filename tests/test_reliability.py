@@ -38,7 +38,8 @@ import main as main_mod
 import model as model_lib
 import utils
 from conftest import ROOT, exploit, message_lines, run_script, small_scenes
-from model import load_checkpoint, save_checkpoint
+from checkpoint import CKPT_FORMAT, save_checkpoint
+from safe_load import safe_load
 from utils import TEMP_NAME, UserError, atomic_write
 
 MAIN = os.path.join(ROOT, "main.py")
@@ -67,7 +68,7 @@ def reference(small_root, tmp_path_factory):
     t0 = time.monotonic()
     assert main_mod.main(["--data_dir", small_root, "--ckpt_dir", str(out), "--ckpt_name", "ref"] + RUN) == 0
     run_dir = str(out / "ref")
-    assert load_checkpoint(os.path.join(run_dir, "best.pth"))["epoch"] == EPOCHS  # the scenarios below rely on it
+    assert safe_load(os.path.join(run_dir, "best.pth"))["epoch"] == EPOCHS  # the scenarios below rely on it
     return {"dir": run_dir, "epoch_s": (time.monotonic() - t0) / EPOCHS}
 
 
@@ -106,7 +107,7 @@ def assert_same_run(run_dir, ref_dir):
             if key not in TIMING and ref[key] != "":
                 assert float(row[key]) == pytest.approx(float(ref[key]), abs=1e-6), (row["epoch"], key)
     for name in ("last.pth", "best.pth"):
-        a, b = load_checkpoint(os.path.join(run_dir, name)), load_checkpoint(os.path.join(ref_dir, name))
+        a, b = safe_load(os.path.join(run_dir, name)), safe_load(os.path.join(ref_dir, name))
         assert (a["epoch"], a["step"], a["best"]) == (b["epoch"], b["step"], b["best"]), name
         assert max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item()
                    for k in b["state_dict"]) <= 1e-6
@@ -175,7 +176,7 @@ def test_sigkill_at_random_moments_and_inside_checkpoint_writes_then_resume_equa
     for i, trigger in enumerate(plan + ["none"]):
         cmd = [sys.executable, MAIN, "--resume", last] if os.path.exists(last) else fresh
         r = kill_cycle(cmd, run_dir, trigger, str(tmp_path / f"log{i}.txt"), rng, reference["epoch_s"])
-        done = load_checkpoint(last)["epoch"] if os.path.exists(last) else None
+        done = safe_load(last)["epoch"] if os.path.exists(last) else None
         print(f"cycle {i:2d} {trigger:15s} {'killed' if r['killed'] else 'exited'}; temps {r.get('temps')}; "
               f"last.pth: {done} epochs")
         if not r["killed"]:
@@ -231,19 +232,19 @@ def test_sigint_sigterm_and_double_sigint_then_resume_equals_uninterrupted(
     plan.clear(); plan[2] = [signal.SIGINT]  # global step 2: epoch 1, 2 of 4 steps
     assert main_mod.main(train_args(small_root, tmp_path, "s")) == 130
     assert "SIGINT: saved last.pth at step 2" in capsys.readouterr().out
-    ckpt = load_checkpoint(last)
+    ckpt = safe_load(last)
     assert (ckpt["epoch"], ckpt["step"], ckpt["in_epoch"]["steps"]) == (0, 2, 2)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # handlers put back
 
     plan.clear(); plan[5] = [signal.SIGTERM]  # global step 7: epoch 2, 3 of 4 steps
     assert main_mod.main(["--resume", last]) == 130
     assert "SIGTERM: saved last.pth at step 7" in capsys.readouterr().out
-    assert load_checkpoint(last)["in_epoch"]["steps"] == 3
+    assert safe_load(last)["in_epoch"]["steps"] == 3
 
     plan.clear(); plan[7] = [signal.SIGINT, signal.SIGINT]  # global step 14: epoch 4; twice: stop at once
     assert main_mod.main(["--resume", last]) == 130
     assert "interrupted twice" in capsys.readouterr().out
-    ckpt = load_checkpoint(last)
+    ckpt = safe_load(last)
     assert (ckpt["epoch"], ckpt["step"], ckpt["in_epoch"]) == (3, 12, None)
 
     plan.clear()
@@ -368,7 +369,7 @@ def test_evaluate_output_that_cannot_be_written_is_one_line(reference, small_roo
 
 def hostile_checkpoint(kind, ref_best, path, victim):
     """Write a checkpoint of the given kind at path; returns extra evaluate.py flags it needs."""
-    good = load_checkpoint(ref_best)
+    good = safe_load(ref_best)
     config, state = dict(good["model"]), good["state_dict"]
     if kind == "empty":
         Path(path).write_bytes(b"")
@@ -404,7 +405,7 @@ def hostile_checkpoint(kind, ref_best, path, victim):
         save_checkpoint(path, {"model": dict(config, decoder_channels=[2 ** 20] * 5), "state_dict": state})
     elif kind == "inflating_records":  # a small file with one deflated record of 64 MiB of zeros
         buf = io.BytesIO()
-        torch.save({"model": config, "state_dict": state, "format": model_lib.CKPT_FORMAT}, buf)
+        torch.save({"model": config, "state_dict": state, "format": CKPT_FORMAT}, buf)
         with zipfile.ZipFile(buf) as src, zipfile.ZipFile(path, "w") as dst:
             for info in src.infolist():
                 dst.writestr(info, src.read(info))
@@ -464,7 +465,7 @@ def test_evaluate_refuses_hostile_checkpoints_in_one_line(reference, small_root,
 
 def resume_checkpoint(kind, ref_last, path, victim):
     """A broken or hostile checkpoint handed to `main.py --resume`."""
-    ckpt = load_checkpoint(ref_last)
+    ckpt = safe_load(ref_last)
     if kind == "exploit":
         torch.save({"args": exploit(victim)}, path)
     elif kind == "raw_pickle_exploit":
@@ -763,7 +764,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert main_mod.main(train_args(small_root, tmp_path, "n")) == 1
     one_line(capsys.readouterr().err,
              f"error: loss is nan at step 6 (epoch 2); stopping. The last good checkpoint is kept: {last}")
-    assert sha(last) == seen["sha"] and load_checkpoint(last)["step"] == 4  # untouched since epoch 1 ended
+    assert sha(last) == seen["sha"] and safe_load(last)["step"] == 4  # untouched since epoch 1 ended
     monkeypatch.undo()
     assert main_mod.main(["--resume", str(last)]) == 0  # and the kept checkpoint continues to the same end
     assert_same_run(str(tmp_path / "n"), reference["dir"])
@@ -920,7 +921,7 @@ def test_large_photos_are_predicted_at_the_training_size_and_resized_back(refere
     assert evaluate.main(["--data", str(photos), "--ckpt", os.path.join(reference["dir"], "best.pth"), "--amp", "none",
                           "--save_dir", str(tmp_path / "preds"), "--out", str(tmp_path / "m.json")]) == 0
     assert message_lines(capsys.readouterr().err) == []
-    assert load_checkpoint(os.path.join(reference["dir"], "best.pth"))["train_hw"] == [48, 64]
+    assert safe_load(os.path.join(reference["dir"], "best.pth"))["train_hw"] == [48, 64]
     assert sorted(seen) == [(64, 64), (64, 64)]  # 48x64 training frames: ~3072 pixels, multiples of 32
     assert np.load(tmp_path / "preds" / "portrait.npy").shape == (1200, 900)
     assert np.load(tmp_path / "preds" / "landscape.npy").shape == (900, 1200)
