@@ -27,7 +27,7 @@ from model import predict_depth
 from utils import (DEPTH_CMAP, MAX_DEPTH, SIGNED_ERROR_CMAP, SIGNED_ERROR_M, UserError, atomic_write, fast_path,
                    flag_range, one_line_errors, pick_device, positive_int, summarize)
 
-BLOCK = 50  # frames per bootstrap block: by 50 frames apart neighbours are within 10% of independent (README, folds)
+BLOCK = 50  # bootstrap block, frames: neighbours 50 frames apart are within 10% of independent (docs/generalisation.md)
 SAMPLES = 2000  # bootstrap resamples
 LEVEL = 0.95  # confidence level of the intervals
 FIGURES = 3  # --save_dir: figures of the frames where B is most better and most worse than A

@@ -14,7 +14,7 @@ refused.
 
 Besides the per-pixel metrics it prints `flicker`, a sequence-level metric: over neighbouring frames (names
 ending in consecutive numbers), the mean |change| of the prediction minus that of the truth, on pixels whose
-true depth changes by less than 5 cm (README, "Temporal consistency"). `--ply` (with --save_dir) writes each
+true depth changes by less than 5 cm (docs/flicker.md). `--ply` (with --save_dir) writes each
 prediction as a coloured point cloud through a pinhole camera (`--fov`, default 90 degrees, or `--intrinsics`).
 
 Beside the metrics it prints errors by true-depth range (share, RMSE, bias, share of the squared error per bin) and
@@ -126,7 +126,7 @@ def get_parser():
       "(| signed error with ground truth) on one fixed 0-20 m scale, to see flicker")
     a("--compile", action="store_true",
       help="torch.compile the model (falls back to eager if it cannot): up to 1.9x faster CPU inference once "
-           "compiled, but compiling takes 20-60 s (README, Speed): for many thousands of frames, not for one split")
+           "compiled, but compiling takes 20-60 s (docs/speed.md): for many thousands of frames, not for one split")
     return p
 
 

@@ -211,7 +211,7 @@ def get_parser():
     a("--amp", default=AMP, choices=["auto", "none", "bf16", "fp16"], help="autocast dtype")
     a("--channels_last", default=CHANNELS_LAST, choices=["auto", "on", "off"], help="memory format")
     a("--compile", action="store_true", help="torch.compile the training model (falls back to eager if it "
-                                             "cannot; on the CPUs measured it made training slower: README, Speed)")
+                                             "cannot; on the CPUs measured it made training slower: docs/speed.md)")
     a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     a("--recipe", default=None, choices=sorted(RECIPES), help="a report's configuration")
     a("--folds", type=non_negative_int, default=FOLDS,

@@ -118,7 +118,7 @@ def modules_through(encoder, name):
 
 def depthwise_fp32_in_training(model):
     """Under CPU bf16 autocast, run the depthwise convolutions of training steps in fp32: oneDNN's bf16 depthwise
-    backward was 2-5x slower than fp32 on a Xeon with AMX (README, Speed), and training 16% faster without it. In
+    backward was 2-5x slower than fp32 on a Xeon with AMX (docs/speed.md), and training 16% faster without it. In
     eval mode, and without CPU autocast, they run as before (bf16 forward is the faster one). Weights unchanged."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d) and 1 < m.groups == m.in_channels and "forward" not in vars(m):

@@ -4,7 +4,7 @@ evaluation and export, bad camera values, broken optional packages and --compile
 
     python -m pytest -q tests/test_hostile_inputs_3.py
 
-Guarantees and limits: RELIABILITY.md. Real processes only where the class is about processes (two runs at once,
+Guarantees and limits: docs/reliability.md. Real processes only where the class is about processes (two runs at once,
 a kill during evaluation); everything else runs in this process on tiny frames made here.
 """
 import errno

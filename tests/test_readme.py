@@ -1,11 +1,12 @@
-"""The README's quick start and evaluation commands, run as written (on synthetic scenes, with small budgets), so
-the README cannot drift from the code.
+"""The README's quick start and docs/evaluation.md's evaluation commands, run as written (on synthetic scenes, with
+small budgets), so the documentation cannot drift from the code; and the documentation's links and front page.
 
-Each command is taken from README.md itself and run in a folder that holds what the README says it needs:
+Each command is taken from the page itself and run in a folder that holds what the README says it needs:
 ./DepthEstimationUnreal (synthetic scenes made by the project's generator, with a test split) and checkpoints/
 (the repository's own). Training commands get small-budget flags appended; the recipes also get --no-pretrained
 (their ImageNet weights need the network, which tests never touch). Every command must exit 0.
 """
+import glob
 import os
 import re
 import shlex
@@ -20,11 +21,15 @@ from utils import METRIC_NAMES
 BUDGET = ["--max_epochs", "1", "--batch_size", "4", "--visualize_every", "0", "--train_eval_frames", "4"]
 
 
-def readme_commands(section):
-    """The `python`/`torchrun` lines of the indented code blocks under the README heading `section`."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## )", text, re.S | re.M)
-    assert match, f"README.md has no section '## {section}'"
+DOCS = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+DOC_PAGES = ["README.md", "checkpoints/README.md"] + DOCS
+
+
+def readme_commands(section, page="README.md"):
+    """The `python`/`torchrun` lines of the indented code blocks under the heading `## section` of `page`."""
+    text = open(os.path.join(ROOT, page), encoding="utf-8").read()
+    match = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^#{{1,2}} |\Z)", text, re.S | re.M)
+    assert match, f"{page} has no section '## {section}'"
     lines = [line[4:].split(" #")[0].strip() for line in match.group(1).splitlines() if line.startswith("    ")]
     return [line for line in lines if line.startswith(("python ", "torchrun "))]
 
@@ -79,11 +84,38 @@ def test_readme_quick_start_runs_as_written(readme_folder):
 
 
 def test_readme_evaluation_commands_run_as_written(readme_folder):
-    """The Evaluation section's commands, on a model the quick start's first command trains here if needed."""
+    """docs/evaluation.md's Evaluation section, on a model the quick start's first command trains here if needed."""
     if not (readme_folder / "runs" / "effnet_unet" / "best.pth").exists():
         run_in(readme_folder, "python main.py")
-    commands = readme_commands("Evaluation (evaluate.py)")
+    commands = readme_commands("Evaluation (evaluate.py)", "docs/evaluation.md")
     assert commands
     for command in commands:
         out = run_in(readme_folder, command)
         assert all(re.search(rf"^{name}\s+\d", out, re.M) for name in METRIC_NAMES), out
+
+
+def relative_links(page):
+    """(target, file it resolves to) for each relative link or image of a markdown page; code spans left out."""
+    text = re.sub(r"`[^`\n]*`", "", open(os.path.join(ROOT, page), encoding="utf-8").read())
+    targets = re.findall(r"\]\(([^)\s]+)\)", text)
+    return [(t, os.path.normpath(os.path.join(ROOT, os.path.dirname(page), t.split("#")[0])))
+            for t in targets if not re.match(r"[a-z]+:|#", t)]
+
+
+def test_every_relative_link_leads_to_a_file():
+    links = {page: relative_links(page) for page in DOC_PAGES}
+    assert len(links["README.md"]) >= 10
+    broken = [f"{page}: {target}" for page, found in links.items() for target, path in found
+              if not os.path.exists(path)]
+    assert not broken, "links to nothing:\n" + "\n".join(broken)
+
+
+def test_readme_front_page_is_short_links_every_docs_page_and_states_the_test_command():
+    size = os.path.getsize(os.path.join(ROOT, "README.md"))
+    assert size < 15_000, f"README.md is {size} bytes: move details to docs/"
+    linked = {path for _, path in relative_links("README.md")}
+    unlinked = [page for page in DOCS if os.path.join(ROOT, page) not in linked]
+    assert not unlinked, f"README.md links none of {unlinked}"
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    test_command = re.search(r"^python -m pytest.*$", ci, re.M).group(0)
+    assert f"    {test_command}\n" in open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()

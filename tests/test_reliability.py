@@ -2,7 +2,7 @@
 
     python -m pytest -q tests/test_reliability.py
 
-What it guarantees and what it does not test: RELIABILITY.md. Every training here runs on tiny synthetic
+What it guarantees and what it does not test: docs/reliability.md. Every training here runs on tiny synthetic
 scenes (48x64 frames, 16 train / 4 val) with a small model, on one CPU thread (in-process runs set
 torch's thread count to 1, subprocesses get OMP_NUM_THREADS=1), so that runs in this process and in
 child processes give the same numbers to the last bit.
