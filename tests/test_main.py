@@ -76,7 +76,7 @@ def test_init_fine_tunes_from_the_checkpoints_weights(two_epoch_run, synthetic_r
     ckpt = load_checkpoint(init)
     net = model_lib.model_from_checkpoint(ckpt["model"], ckpt["state_dict"], init).train()
     train = dataset.DepthDataset(synthetic_root, split="train")
-    idx = main_mod.epoch_order(len(train), 3, 0, 0, 1)[:4]  # --seed 3, epoch 0, one process; batch 4
+    idx = dataset.epoch_order(len(train), 3, 0, 0, 1)[:4]  # --seed 3, epoch 0, one process; batch 4
     rgb, depth_m = torch.stack([train[i][0] for i in idx]), torch.stack([train[i][1] for i in idx])
     loss_fn = losses.build_loss(ckpt["args"]["loss"], clip_aware_terms=True)
     with torch.no_grad():
