@@ -39,6 +39,7 @@ import main as train_script
 import model as model_lib
 from losses import build_loss
 from model import predict_depth
+from schedules import make_scheduler
 from utils import (UserError, atomic_write, cpu_model_name, fast_path, non_negative_int, one_line_errors, pick_device,
                    positive_int, seed_everything)
 
@@ -228,7 +229,7 @@ def make_path(margs, loss_fn, device, total_steps, amp_dtype=None, channels_last
     if channels_last:
         net.to(memory_format=torch.channels_last)
     optimizer = train_script.make_optimizer(margs, net)
-    scheduler = train_script.make_scheduler(margs, optimizer, total_steps)
+    scheduler = make_scheduler(margs, optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = model_lib.compiled(net) if compile in ("train", "both") else net
     eval_model = model_lib.compiled(net) if compile in ("eval", "both") else net

@@ -18,7 +18,6 @@ The checkpoint's training state is written and restored side by side (`training_
 import argparse
 import copy
 import functools
-import math
 import os
 import re
 import shlex
@@ -45,6 +44,7 @@ from model import (HEADS, build_model, checkpoint_train_hw, compiled, depthwise_
                    param_groups, predict_depth, save_checkpoint, summary_text)
 from recipes import RECIPES, recipe_note, set_recipe_defaults
 from rundir import claim_run_dir, kept_checkpoint_note, prune_epoch_files, write_csv, write_step_log
+from schedules import WSD, decay_from, follow_clock, make_scheduler, on_clock
 from utils import (UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
                    non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
                    remove_stale_temps, seed_everything, summarize, unlock, visualize_img)
@@ -87,9 +87,6 @@ CACHE_RAM_FRACTION = 0.4
 AMP = "auto"                   # auto: bf16 on GPUs and on CPUs with bf16 instructions (utils.fast_path)
 CHANNELS_LAST = "auto"
 EVAL_BATCH_SIZE = 16           # evaluation batches hold at least this many frames (metrics do not depend on it)
-ONE_CYCLE = dict(pct_start=0.3, div_factor=25.0, final_div_factor=1e4)  # torch's OneCycleLR defaults, written out
-CYCLIC = dict(max_factor=5, up_steps=1000, down_steps=2000)  # the ResNet-34 report: lr up to 5x, 1000 up, 2000 down
-WSD = dict(warmup_epochs=1.0, start_factor=1 / 25, decay_fraction=0.2)  # linear warm-up from lr/25; 1-sqrt decay to 0
 # epoch e's random state, fixed by --seed s (a resumed epoch repeats it): the sample order (dataset.epoch_order),
 # torch's RNG seeded s * SEED_TORCH + e, each process's augmentation generator s * 7919 + e * 101 + rank (prime
 # strides: the epochs and processes of a run get seeds of their own)
@@ -373,7 +370,7 @@ def load_data(args, env):
 
 
 # ------------------------------------------------------------------------------------------------
-# optimisation
+# optimisation (the LR schedules: schedules.py)
 
 def encoder_lr(args):
     return args.lr if args.encoder_lr is None else args.encoder_lr
@@ -385,83 +382,6 @@ def make_optimizer(args, model):
               {"params": dec, "lr": args.lr, "name": "decoder"}]
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     return opt_cls([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
-
-
-def one_cycle_factor(progress):
-    """OneCycleLR's shape (cosine up from lr/div for pct_start, cosine down to lr/(div*final_div)) at progress
-    in [0, 1]."""
-    progress = min(max(progress, 0.0), 1.0)
-    pct, div, final_div = ONE_CYCLE["pct_start"], ONE_CYCLE["div_factor"], ONE_CYCLE["final_div_factor"]
-    cos = lambda a, b, t: b + (a - b) * (1 + math.cos(math.pi * t)) / 2
-    if progress < pct:
-        return cos(1 / div, 1.0, progress / pct)
-    return cos(1.0, 1 / (div * final_div), (progress - pct) / (1 - pct))
-
-
-def cosine_factor(progress):
-    return (1 + math.cos(math.pi * min(progress, 1.0))) / 2
-
-
-def wsd_factor(step, warmup_steps, decay_start, total_steps):
-    """Warmup-stable-decay: linear from WSD's start_factor to 1 over warmup_steps, 1 until decay_start, then 1-sqrt
-    down to 0 at total_steps (Hägele et al. 2024, "Scaling laws and compute-optimal training beyond fixed training
-    durations"). Up to decay_start it does not depend on the length, so one constant run serves every length."""
-    if step < warmup_steps:
-        return WSD["start_factor"] + (1 - WSD["start_factor"]) * step / warmup_steps
-    if step < decay_start:
-        return 1.0
-    return max(0.0, 1.0 - math.sqrt((step - decay_start) / max(1, total_steps - decay_start)))
-
-
-def decay_epochs(args, max_epochs):
-    return WSD["decay_fraction"] * max_epochs if args.decay_epochs is None else args.decay_epochs
-
-
-def decay_from(args, max_epochs):
-    """wsd: the epoch its decay starts at."""
-    return max_epochs - decay_epochs(args, max_epochs)
-
-
-def make_scheduler(args, optimizer, total_steps, steps_per_epoch=1):
-    """Per-step LR schedule over total_steps (None for none, and for onecycle/cosine with --time_budget: those follow
-    the clock instead, see `follow_clock`)."""
-    total = max(1, total_steps)
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    if on_clock(args):
-        return None
-    if args.scheduler == "wsd":
-        decay_start = total - round(decay_epochs(args, total / steps_per_epoch) * steps_per_epoch)
-        shape = functools.partial(wsd_factor, warmup_steps=max(1, round(WSD["warmup_epochs"] * steps_per_epoch)),
-                                  decay_start=decay_start, total_steps=total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
-        scheduler.total_steps = total  # kept in its state_dict: a resumed run checks its length like onecycle's
-        return scheduler
-    if args.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total, **ONE_CYCLE)
-    if args.scheduler == "cyclic":
-        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lrs,
-                                                 max_lr=[CYCLIC["max_factor"] * lr for lr in lrs],
-                                                 step_size_up=CYCLIC["up_steps"], step_size_down=CYCLIC["down_steps"],
-                                                 mode="triangular2", cycle_momentum=False)
-    if args.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    return None
-
-
-def on_clock(args):
-    """With --time_budget, onecycle and cosine run on the clock (`follow_clock`), not over steps."""
-    return bool(args.time_budget) and args.scheduler in ("onecycle", "cosine")
-
-
-def follow_clock(run):
-    """With --time_budget, onecycle and cosine run on the clock: each group's LR is its base LR times the schedule's
-    factor at the fraction of the budget trained so far, so the schedule ends exactly when the budget does."""
-    if not on_clock(run.args):
-        return
-    shape = one_cycle_factor if run.args.scheduler == "onecycle" else cosine_factor
-    factor = shape(run.train_seconds / (60 * run.args.time_budget))
-    for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
-        group["lr"] = base_lr * factor
 
 
 def ema_update(ema_net, net, decay, step):
