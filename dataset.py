@@ -1,4 +1,5 @@
-"""DepthEstimationUnreal reading: pairing by frame name, loading, caching, paired augmentation.
+"""DepthEstimationUnreal reading: pairing by frame name, loading, caching, paired augmentation, and the training
+batches (each epoch's sample order, batches on the device).
 
 Layouts accepted for `DepthDataset(data_dir, split)` / `find_pairs(data_dir, split)`:
   DATA/rgb/<split>/<frame>.jpeg + DATA/depth/<split>/<frame>.npy   (the dataset root)
