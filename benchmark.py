@@ -6,7 +6,7 @@
     python benchmark.py --data_dir DepthEstimationUnreal --json bench.json
     python benchmark.py --deploy checkpoints/best.pth --steps 5 --repeats 5    # eager vs TorchScript vs ONNX Runtime
 
-train: images/s of main.py's step (cached uint8 tensors indexed per batch by main.batches_of, main.train_step,
+train: images/s of main.py's step (cached uint8 tensors indexed per batch by dataset.batches_of, main.train_step,
        autocast and memory format from utils.fast_path, main.py's default augmentation) and of the template-style
        step (a DataLoader with --template_workers workers over a Dataset that opens every JPEG with PIL and
        np.loads every depth map, torchvision ToTensor, fp32, default memory format), with the same model, batch,
@@ -35,11 +35,12 @@ import torch
 from PIL import Image
 
 import dataset as ds_lib
-import main as train_lib
+import main as train_script
 import model as model_lib
 from export import export_graph, load_graph
 from losses import build_loss
 from model import predict_depth
+from schedules import make_scheduler
 from utils import (UserError, atomic_write, cpu_model_name, fast_path, non_negative_int, one_line_errors, pick_device,
                    positive_int, seed_everything)
 
@@ -47,11 +48,11 @@ from utils import (UserError, atomic_write, cpu_model_name, fast_path, non_negat
 def get_parser():
     p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
-    a("--model", default=train_lib.MODEL, help="model variant (main.py --list-models)")
+    a("--model", default=train_script.MODEL, help="model variant (main.py --list-models)")
     a("--data_dir", default=None, help="dataset root (default: synthetic scenes made in a temporary folder)")
     a("--n_train", type=positive_int, default=96, help="synthetic train frames (without --data_dir)")
     a("--n_val", type=positive_int, default=32, help="synthetic val frames (without --data_dir)")
-    a("--batch_size", type=positive_int, default=train_lib.BATCH_SIZE, help="training and inference batch")
+    a("--batch_size", type=positive_int, default=train_script.BATCH_SIZE, help="training and inference batch")
     a("--steps", type=positive_int, default=30, help="steps per timed repeat")
     a("--repeats", type=positive_int, default=3, help="timed repeats per path (median reported)")
     a("--warmup", type=non_negative_int, default=3, help="untimed steps before the repeats")
@@ -228,15 +229,15 @@ def make_path(margs, loss_fn, device, total_steps, amp_dtype=None, channels_last
     model_lib.depthwise_fp32_in_training(net)  # as main.py builds it (acts only under CPU bf16 autocast)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    optimizer = train_lib.make_optimizer(margs, net)
-    scheduler = train_lib.make_scheduler(margs, optimizer, total_steps)
+    optimizer = train_script.make_optimizer(margs, net)
+    scheduler = make_scheduler(margs, optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     step_model = model_lib.compiled(net) if compile in ("train", "both") else net
     eval_model = model_lib.compiled(net) if compile in ("eval", "both") else net
 
     def train_one(rgb, depth_m):
-        return train_lib.train_step(step_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler, scaler,
-                                    amp_dtype, channels_last, augment=augment)
+        return train_script.train_step(step_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler,
+                                       scaler, amp_dtype, channels_last, augment=augment)
 
     def predict_one(rgb, depth_m):
         return predict_depth(eval_model, rgb, depth_m.shape[-2:], amp_dtype=amp_dtype, channels_last=channels_last)
@@ -247,7 +248,7 @@ def index_stream(n_frames, n_batches, batch_size):
     """main.py's epoch orders, one after another, until n_batches full batches are covered."""
     indices, epoch = [], 0
     while len(indices) < n_batches * batch_size:
-        indices += train_lib.epoch_order(n_frames, 0, epoch, 0, 1)[: n_frames // batch_size * batch_size]
+        indices += ds_lib.epoch_order(n_frames, 0, epoch, 0, 1)[: n_frames // batch_size * batch_size]
         epoch += 1
     return indices[: n_batches * batch_size]
 
@@ -361,12 +362,12 @@ def run(args):
     def batch_streams(split):
         """(our batches, the template's batches): the same frames in the same order, each path's own way."""
         idx = index_stream(len(sets[split]), n_batches, args.batch_size)
-        return (train_lib.batches_of(sets[split], stacked[split], idx, args.batch_size, device, 0),
-                train_lib.batches_of(TemplateDataset(data_dir, split), None, idx, args.batch_size, device,
-                                     args.template_workers))
+        return (ds_lib.batches_of(sets[split], stacked[split], idx, args.batch_size, device, 0),
+                ds_lib.batches_of(TemplateDataset(data_dir, split), None, idx, args.batch_size, device,
+                                  args.template_workers))
 
     # the same model (same initial weights), optimizer, scheduler and loss for both paths, made by main.py's functions
-    margs = train_lib.get_parser().parse_args(["--model", args.model, "--batch_size", str(args.batch_size)])
+    margs = train_script.get_parser().parse_args(["--model", args.model, "--batch_size", str(args.batch_size)])
     margs.max_epochs = 1
     loss_fn = build_loss(margs.loss, margs.head == "clip")
     augment = ds_lib.parse_augment(margs.augment)
@@ -392,8 +393,8 @@ def run(args):
         net.train()
 
     # utilisation: FLOPs per image (counts do not depend on the dtype) against this run's own matmul peak
-    rgb, depth = next(train_lib.batches_of(sets["train"], stacked["train"], list(range(args.batch_size)),
-                                           args.batch_size, device, 0))
+    rgb, depth = next(ds_lib.batches_of(sets["train"], stacked["train"], list(range(args.batch_size)),
+                                        args.batch_size, device, 0))
     flops = {"train": flops_of(train_fns[1], rgb, depth)}
     nets[1].eval()
     with torch.inference_mode():

@@ -1,5 +1,7 @@
-"""Block cross-validation tables: the per-fold table of one recipe, and the length curve of wsd branches.
+"""Block cross-validation: a fold's frames, the driver of `main.py --folds N` (each fold is a main.py run; the driver
+is handed the function that trains one), the per-fold table of one recipe, and the length curve of wsd branches.
 
+    python main.py --folds 3 ...   # every fold in turn, then CV_DIR/cv.md and cv.csv (`cross_validate`)
     python crossval.py CV_DIR      # the length curve of a wsd cross-validation folder -> CV_DIR/length.md, length.png
 
 A length curve (docs/length.md): each fold trains one constant-LR run (`--scheduler wsd --decay_epochs 0`, folder
@@ -20,7 +22,72 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from utils import atomic_write  # noqa: E402
+from dataset import block_folds  # noqa: E402
+from rundir import write_csv  # noqa: E402
+from utils import UserError, atomic_write  # noqa: E402
+
+FOLD_SPLITS = ("train", "val")  # the frames cut into blocks: train then val, in frame order
+
+
+def check_fold_flags(args):
+    """--folds N (2 or more) and --fold K (1..N, only with --folds), checked before any data is read."""
+    if args.folds and (args.folds < 2 or args.fold is not None and not 1 <= args.fold <= args.folds):
+        raise UserError(f"--folds must be 2 or more and --fold between 1 and --folds, got {args.folds} and {args.fold}")
+    if args.fold is not None and not args.folds:
+        raise UserError("--fold needs --folds N")
+
+
+def fold_sets(frames, args):
+    """(train set, held-out set) of fold --fold: its block of the frames held out, the rest but the guard trained on."""
+    train_idx, held_idx = block_folds(len(frames), args.folds, args.guard)[args.fold - 1]
+    return frames.subset(train_idx), frames.subset(held_idx)
+
+
+def held_out_note(args, held):
+    return f" (fold {args.fold}/{args.folds}: held-out frames {held.names[0]}..{held.names[-1]}, guard {args.guard})"
+
+
+def write_fold_result(run, data, decay_from, log):
+    """A fold's result is its last evaluation (nothing is selected on the held-out block): result.json."""
+    args, last = run.args, run.history[-1]
+    result = {"fold": args.fold, "folds": args.folds, "guard": args.guard,
+              "held_out": [data.val.names[0], data.val.names[-1]], "n_train": len(data.train),
+              "n_held_out": len(data.val), "epochs": last["epoch"], "train_minutes": last["train_minutes"],
+              "rmse": last["val_rmse"], "ssim": last["val_ssim"], "scheduler": args.scheduler,
+              "decay_from": decay_from, **{k: v for k, v in last.items() if k.startswith("val_")}}
+    atomic_write(os.path.join(run.dir, "result.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
+    log(f"fold {args.fold}/{args.folds} done: held-out RMSE {last['val_rmse']:.4f} SSIM {last['val_ssim']:.4f} "
+        f"(last evaluation) -> {run.dir}/result.json")
+
+
+def cross_validate(args, argv, train_fold):
+    """Every fold of --folds in turn (a fold with a result.json is done; one with a last.pth is resumed), then the
+    table: per-fold held-out RMSE/SSIM of each fold's last evaluation, their mean and standard deviation.
+    train_fold(fold_argv): main.py's run of those arguments, its exit code."""
+    if args.resume:
+        raise UserError("--resume continues one fold (--resume RUN/foldK/last.pth); to continue a whole "
+                        "cross-validation, run the same command again: finished folds are kept, a cut one resumes")
+    cv_dir = os.path.join(args.ckpt_dir, args.ckpt_name or f"{args.model}_cv{args.folds}")
+    results = []
+    for k in range(1, args.folds + 1):
+        fold_dir = os.path.join(cv_dir, f"fold{k}")
+        if not os.path.exists(os.path.join(fold_dir, "result.json")):
+            if os.path.exists(os.path.join(fold_dir, "last.pth")):
+                print(f"fold {k}/{args.folds}: continuing {fold_dir}/last.pth")
+                code = train_fold(["--resume", os.path.join(fold_dir, "last.pth")])
+            else:
+                print(f"fold {k}/{args.folds}: training in {fold_dir}")
+                code = train_fold(argv + ["--fold", str(k), "--ckpt_dir", cv_dir, "--ckpt_name", f"fold{k}"])
+            if code != 0 or not os.path.exists(os.path.join(fold_dir, "result.json")):
+                print(f"cross-validation paused at fold {k}; run the same command again to continue")
+                return code or 130
+        with open(os.path.join(fold_dir, "result.json")) as f:
+            results.append(json.load(f))
+    table = cv_table(results)
+    atomic_write(os.path.join(cv_dir, "cv.md"), lambda f: f.write(table.encode()))
+    write_csv(os.path.join(cv_dir, "cv.csv"), results)
+    print(table + f"\nwrote {cv_dir}/cv.md and cv.csv")
+    return 0
 
 
 def mean_std(xs):

@@ -1,4 +1,5 @@
-"""DepthEstimationUnreal reading: pairing by frame name, loading, caching, paired augmentation.
+"""DepthEstimationUnreal reading: pairing by frame name, loading, caching, paired augmentation, and the training
+batches (each epoch's sample order, batches on the device).
 
 Layouts accepted for `DepthDataset(data_dir, split)` / `find_pairs(data_dir, split)`:
   DATA/rgb/<split>/<frame>.jpeg + DATA/depth/<split>/<frame>.npy   (the dataset root)
@@ -485,3 +486,48 @@ class DepthDataset(Dataset):
         rgb = torch.stack([r for r, _ in self.cache])
         depth = torch.stack([d for _, d in self.cache]) if self.has_depth else None
         return rgb, depth
+
+
+# ------------------------------------------------------------------------------------------------
+# training batches: what fits in RAM, each epoch's sample order, batches on the device
+
+SEED_ORDER = 100003  # the sample order of epoch e with --seed s is the permutation seeded by s * SEED_ORDER + e
+
+
+def fits_in_ram(n_frames, ram_fraction, hw=(144, 256)):
+    """Whether n_frames decoded frames of size hw need less than ram_fraction of this machine's memory."""
+    need = n_frames * hw[0] * hw[1] * 7  # uint8 RGB + float32 depth (float16 where lossless)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return True
+    return need < ram_fraction * total
+
+
+def epoch_order(n, seed, epoch, rank, world):
+    """This rank's sample indices for an epoch: a permutation fixed by (seed, epoch), sharded like
+    DistributedSampler."""
+    g = torch.Generator().manual_seed(seed * SEED_ORDER + epoch)
+    order = torch.randperm(n, generator=g)
+    per_rank = math.ceil(n / world)
+    order = torch.cat([order, order[: per_rank * world - n]])
+    return order[rank::world].tolist()
+
+
+def batches_of(train_set, stacked, indices, batch_size, device, workers):
+    """(rgb float [0,1], depth metres) batches on device, in the order of indices (last short batch dropped)."""
+    steps = len(indices) // batch_size
+    if stacked is not None:  # cached tensors: index them directly, no per-item work, no decoding
+        rgb_all, depth_all = stacked
+        for s in range(steps):
+            idx = torch.tensor(indices[s * batch_size:(s + 1) * batch_size])
+            rgb = rgb_all[idx].to(device, non_blocking=True).float().div_(255.0)
+            yield rgb, depth_all[idx].to(device, non_blocking=True).float()
+        return
+    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=indices, num_workers=workers,
+                                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
+    try:
+        for rgb, depth in loader:
+            yield rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
+    except UserError as e:  # from a worker process it comes wrapped in that worker's traceback: keep its last line
+        raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None

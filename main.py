@@ -14,15 +14,12 @@ in the run folder.
 The run, top to bottom: `train` sets up the process (`setup`), reads the data (`load_data`), builds the run
 from the arguments or a checkpoint (`build_run`), then loops over epochs: `train_one_epoch`, `evaluate_and_save`.
 The checkpoint's training state is written and restored side by side (`training_state`, `restore_training_state`).
+Beside this script: recipes.py (--recipe), schedules.py (the LR schedules), crossval.py (--folds), resume_checks.py
+(what --resume, --branch and --init may change), rundir.py (the run folder), dataset.py (frames and batches).
 """
 import argparse
 import copy
-import csv
 import functools
-import io
-import itertools
-import json
-import math
 import os
 import re
 import shlex
@@ -38,19 +35,25 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
+import crossval
 import dataset as ds_lib
 import synthetic
 from checkpoint import (checkpoint_train_hw, model_from_checkpoint, nonfinite_tensors, read_checkpoint,
                         save_checkpoint)
-from crossval import cv_table
+from dataset import batches_of, epoch_order, fits_in_ram
 from evaluate import evaluate_batches, frame_batches
 from export import export_model
 from losses import build_loss
 from model import (HEADS, build_model, compiled, depthwise_fp32_in_training, fit_input, freeze_encoder, list_models,
                    param_groups, predict_depth, summary_text)
-from utils import (TEMP_NAME, UserError, atomic_write, autocast, fast_path, first_line, flag_range, lock_folder,
-                   non_negative_float, non_negative_int, one_line_errors, pick_device, plot_curves, positive_float,
-                   positive_int, remove_stale_temps, seed_everything, summarize, unlock, visualize_img)
+from recipes import RECIPES, recipe_note, set_recipe_defaults
+from resume_checks import (check_branch, check_init_flags, check_resume_flags, check_resumed_data, frame_record,
+                           init_model_flags)
+from rundir import claim_run_dir, kept_checkpoint_note, prune_epoch_files, write_csv, write_step_log
+from schedules import WSD, decay_from, follow_clock, make_scheduler, on_clock
+from utils import (UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
+                   non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
+                   remove_stale_temps, seed_everything, summarize, unlock, visualize_img)
 
 # ------------------------------------------------------------------------------------------------
 # hyperparameters (defaults of the flags below)
@@ -90,66 +93,11 @@ CACHE_RAM_FRACTION = 0.4
 AMP = "auto"                   # auto: bf16 on GPUs and on CPUs with bf16 instructions (utils.fast_path)
 CHANNELS_LAST = "auto"
 EVAL_BATCH_SIZE = 16           # evaluation batches hold at least this many frames (metrics do not depend on it)
-ONE_CYCLE = dict(pct_start=0.3, div_factor=25.0, final_div_factor=1e4)  # torch's OneCycleLR defaults, written out
-CYCLIC = dict(max_factor=5, up_steps=1000, down_steps=2000)  # the ResNet-34 report: lr up to 5x, 1000 up, 2000 down
-WSD = dict(warmup_epochs=1.0, start_factor=1 / 25, decay_fraction=0.2)  # linear warm-up from lr/25; 1-sqrt decay to 0
-SEED_ORDER, SEED_TORCH, SEED_AUG = 100003, 1000, (7919, 101)  # epoch seeds: sample order, torch RNG, augmentation
-
-REPORT_WAY = dict(head="linear", ema=0.0, train_eval_frames=0, augment="none")  # plain 1x1-conv output, plain loss
-RECIPES = {  # the two reports' configurations, as the reports give them
-    "convnext_report": dict(model="convnext_unet", encoder="convnext_base", loss="mse+0.15*ssim+0.05*edge",
-                            optimizer="adamw", encoder_lr=1e-4, lr=1e-3, weight_decay=1e-2, scheduler="onecycle",
-                            batch_size=64, max_epochs=80, **REPORT_WAY),
-    "resnet34_report": dict(model="resnet34", loss="rmse+ssim", optimizer="adam", lr=1e-3, encoder_lr=None,
-                            weight_decay=1e-5, scheduler="cyclic", batch_size=32, max_epochs=100, visualize_every=100,
-                            **REPORT_WAY),
-}
-RECIPE_GAPS = {  # what a recipe cannot reproduce as the report did it; printed with the recipe
-    "convnext_report": ["the report never names the ConvNeXt size: convnext_base is our choice (--encoder to change)",
-                        "AdamW's weight decay and OneCycle's settings are not in the report: torch's defaults "
-                        "(0.01; pct_start 0.3, cosine)"],
-    "resnet34_report": ["the report trains and scores at 224x224; here the 224x224 prediction is resized back and "
-                        "scored at the frames' 144x256 (the report's way: evaluate.py --protocol resnet34_224)",
-                        "the report freezes 'the first layers' without naming them: the stem (conv1, bn1) here "
-                        "(--freeze stage1 .. stage4 freezes more)"],
-    "both": ["ImageNet encoder weights come from timm's download (or --encoder-weights PATH); offline, "
-             "--no-pretrained trains from scratch, which the reports did not",
-             "the reports trained on a GPU (the ConvNeXt one names an NVIDIA L4); on a CPU their epochs take days",
-             "evaluation clamps every prediction to [0, 20] m, the ground truth's range, as for every model"],
-}
+# epoch e's random state, fixed by --seed s (a resumed epoch repeats it): the sample order (dataset.epoch_order),
+# torch's RNG seeded s * SEED_TORCH + e, each process's augmentation generator s * 7919 + e * 101 + rank (prime
+# strides: the epochs and processes of a run get seeds of their own)
+SEED_TORCH, SEED_AUG_PER_SEED, SEED_AUG_PER_EPOCH = 1000, 7919, 101
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
-RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folder with it is ever continued
-STEP_LOG = "loss_steps.csv"  # step, epoch, loss, lr of every training step
-EPOCH_FILE = re.compile(r"^epoch\d{3,}\.pth$")  # the epoch snapshots main.py writes (and prunes: no other file)
-# flags a resumed run may change: where and how fast it runs, how often it reports; every other flag is the run's own
-SESSION_FLAGS = ("device", "workers", "cache", "amp", "channels_last", "compile", "max_epochs", "stop_after_epochs",
-                 "evaluate_every", "visualize_every", "train_eval_frames", "keep", "allow_unusual_depth", "data_dir",
-                 "ckpt_dir", "ckpt_name")
-
-
-def check_branch(args, ckpt, source):
-    """A branch trains on from its checkpoint to a longer --max_epochs; with wsd its decay starts at or after the
-    checkpoint, where the source run was still constant, so it equals a run of that length trained from scratch.
-    Its folder defaults to the source's name + _e<max_epochs>, beside the source folder."""
-    fixed = [k for k in ("model", "encoder", "head", "drop_path", "folds", "fold", "guard", "train_splits",
-                         "batch_size", "seed") if getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
-    if fixed:
-        raise UserError(f"--branch {source}: a branch keeps the run's model, data and batches; it cannot "
-                        f"change {', '.join('--' + k for k in fixed)}")
-    done = epochs_done(ckpt)
-    if args.max_epochs is None or args.max_epochs <= done:
-        raise UserError(f"--branch {source}: it has {done} epoch(s) done; give a longer --max_epochs")
-    if args.scheduler == "wsd":
-        saved = SimpleNamespace(**ckpt["args"])
-        own_start = saved.max_epochs - decay_epochs(saved, saved.max_epochs) if saved.scheduler == "wsd" else -1
-        start = args.max_epochs - decay_epochs(args, args.max_epochs)
-        if own_start < done or start < done:
-            raise UserError(f"--branch {source}: a wsd branch starts from a checkpoint in the constant phase and "
-                            f"decays after it (decay from epoch {start:g}, checkpoint at epoch {done}, its own run "
-                            + (f"decayed from epoch {own_start:g})" if saved.scheduler == "wsd" else
-                               f"used --scheduler {saved.scheduler})"))
-    if not args.ckpt_name:
-        args.ckpt_name = f"{os.path.basename(os.path.dirname(os.path.abspath(source)))}_e{args.max_epochs}"
 
 
 def get_parser():
@@ -250,7 +198,8 @@ def freeze_choice(text):
 
 
 def parse_args(argv):
-    """(args, the --resume checkpoint or None). A resumed run continues with the arguments it was started with."""
+    """(args, the checkpoint a run continues (--resume, --branch) or starts from (--init), or None). A resumed run
+    continues with the arguments it was started with."""
     parser = get_parser()
     pre, _ = parser.parse_known_args(argv)
     if pre.list_models or pre.export or pre.summary is not None:
@@ -264,7 +213,7 @@ def parse_args(argv):
         not_kept = ("resume", "branch", "stop_after_epochs", "list_models") + (("ckpt_name",) if pre.branch else ())
         parser.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in not_kept})
     elif pre.recipe:
-        parser.set_defaults(**RECIPES[pre.recipe])
+        set_recipe_defaults(parser, pre.recipe)
     if pre.init and source:
         raise UserError("--init starts a new run from a checkpoint's weights; --resume and --branch continue a run "
                         "with its optimizer and schedule: pick one")
@@ -275,58 +224,12 @@ def parse_args(argv):
     if init is not None:
         check_init_flags(args, init)
     if pre.branch:
-        check_branch(args, ckpt, pre.branch)
+        check_branch(args, ckpt, epochs_done(ckpt), pre.branch)
     if pre.resume:
         check_resume_flags(args, ckpt["args"], pre.resume)
     if pre.recipe and not pre.resume:
-        recipe = RECIPES[pre.recipe]
-        explicit = sorted(k for k in recipe if getattr(args, k) != recipe[k])
-        kept = ", ".join(f"{k}={v}" for k, v in recipe.items() if k not in explicit)
-        print(f"recipe {pre.recipe}: {kept}" + (f" (overridden by flags: {', '.join(explicit)})" if explicit else ""))
-        print("not as in the report:\n" + "\n".join(f"  - {gap}" for gap in
-                                                      RECIPE_GAPS[pre.recipe] + RECIPE_GAPS["both"]))
-    return args, ckpt
-
-
-def check_resume_flags(args, saved, source):
-    """A resumed run keeps its settings: UserError naming every flag given another value than the run was made with,
-    except SESSION_FLAGS (machine, reporting, --data_dir: its frames are compared later), which are said in a line."""
-    changed = {k: (saved[k], v) for k, v in vars(args).items()
-               if k in saved and saved[k] != v and k not in ("resume", "branch", "stop_after_epochs", "list_models")}
-    refused = [f"--{k} ({a} -> {b})" for k, (a, b) in changed.items() if k not in SESSION_FLAGS]
-    if refused:
-        raise UserError(f"--resume {source}: a resumed run keeps the settings it was made with; it cannot change "
-                        f"{', '.join(refused)} (start a new run for other settings)")
-    kept = [f"--{k} {b}" for k, (a, b) in changed.items() if k not in ("ckpt_dir", "ckpt_name")]
-    if kept:
-        print(f"resume {source}: this session uses {', '.join(kept)}; every other setting is the run's own")
-
-
-def frame_record(data):
-    """The frames a run trains and is scored on (names per split, in order), kept in its checkpoints."""
-    return {"dir": os.path.abspath(data.dir), "train": list(data.train.names), "val": list(data.val.names)}
-
-
-def check_resumed_data(ckpt, data, source, log):
-    """UserError when the data a resumed run finds is not the frames it was trained on (frames lost, added or renamed:
-    the epochs would change); a moved data folder with the same frames is fine. Checkpoints from before the record
-    are not checked."""
-    was, now = ckpt.get("frames"), frame_record(data)
-    if not isinstance(was, dict):
-        return
-    diffs = []
-    for split in ("train", "val"):
-        old, new = list(was.get(split) or []), now[split]
-        if old != new:
-            gone, added = sorted(set(old) - set(new)), sorted(set(new) - set(old))
-            diffs.append(f"{split} {len(old)} -> {len(new)} frames" + (f", {len(gone)} gone (e.g. {gone[0]})" if gone
-                         else "") + (f", {len(added)} new (e.g. {added[0]})" if added else "")
-                         + ("" if gone or added else ", in another order"))
-    if diffs:
-        raise UserError(f"--resume {source}: the run was made on other frames ({was.get('dir')}); {data.dir} now has: "
-                        f"{'; '.join(diffs)}; resuming would change the run (restore the frames or start a new run)")
-    if was.get("dir") != now["dir"]:
-        log(f"resume {source}: data now read from {data.dir} (the run's own frames, from a moved folder)")
+        print(recipe_note(pre.recipe, args))
+    return args, init if init is not None else ckpt
 
 
 # ------------------------------------------------------------------------------------------------
@@ -354,56 +257,16 @@ def resolve_data_dir(args, rank):
     return folder, True
 
 
-def fits_in_ram(n_frames, hw=(144, 256)):
-    need = n_frames * hw[0] * hw[1] * 7  # uint8 RGB + float32 depth (float16 where lossless)
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return True
-    return need < CACHE_RAM_FRACTION * total
-
-
 def load_splits(args, data_dir, main_proc):
     """(train set, val set, cached?): --train_splits and val, or with --folds the fold's part of train+val."""
-    splits = ["train", "val"] if args.folds else args.train_splits.split("+")
+    splits = list(crossval.FOLD_SPLITS) if args.folds else args.train_splits.split("+")
     n_frames = sum(len(ds_lib.find_pairs(data_dir, s)[0]) for s in set(splits + ["val"]))
-    cache = args.cache == "on" or (args.cache == "auto" and fits_in_ram(n_frames))
+    cache = args.cache == "on" or (args.cache == "auto" and fits_in_ram(n_frames, CACHE_RAM_FRACTION))
     read = functools.partial(ds_lib.DepthDataset, data_dir, cache=cache, progress=main_proc,
                              allow_unusual_depth=args.allow_unusual_depth)
     if not args.folds:
         return read(split=splits if len(splits) > 1 else splits[0]), read(split="val"), cache
-    frames = read(split=splits)
-    train_idx, held_idx = ds_lib.block_folds(len(frames), args.folds, args.guard)[args.fold - 1]
-    return frames.subset(train_idx), frames.subset(held_idx), cache
-
-
-def epoch_order(n, seed, epoch, rank, world):
-    """This rank's sample indices for an epoch: a permutation fixed by (seed, epoch), sharded like
-    DistributedSampler."""
-    g = torch.Generator().manual_seed(seed * SEED_ORDER + epoch)
-    order = torch.randperm(n, generator=g)
-    per_rank = math.ceil(n / world)
-    order = torch.cat([order, order[: per_rank * world - n]])
-    return order[rank::world].tolist()
-
-
-def batches_of(train_set, stacked, indices, batch_size, device, workers):
-    """(rgb float [0,1], depth metres) batches on device, in the order of indices (last short batch dropped)."""
-    steps = len(indices) // batch_size
-    if stacked is not None:  # cached tensors: index them directly, no per-item work, no decoding
-        rgb_all, depth_all = stacked
-        for s in range(steps):
-            idx = torch.tensor(indices[s * batch_size:(s + 1) * batch_size])
-            rgb = rgb_all[idx].to(device, non_blocking=True).float().div_(255.0)
-            yield rgb, depth_all[idx].to(device, non_blocking=True).float()
-        return
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, sampler=indices, num_workers=workers,
-                                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=False)
-    try:
-        for rgb, depth in loader:
-            yield rgb.to(device, non_blocking=True), depth.to(device, non_blocking=True)
-    except UserError as e:  # from a worker process it comes wrapped in that worker's traceback: keep its last line
-        raise UserError(str(e).strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
+    return *crossval.fold_sets(read(split=splits), args), cache
 
 
 def load_data(args, env):
@@ -423,8 +286,7 @@ def load_data(args, env):
                         f"({args.batch_size})")
     fold = " (val is trained on: its metrics are not a held-out score)" if "val" in args.train_splits.split("+") else ""
     if args.folds:
-        fold = (f" (fold {args.fold}/{args.folds}: held-out frames {val_set.names[0]}..{val_set.names[-1]}, "
-                f"guard {args.guard})")
+        fold = crossval.held_out_note(args, val_set)
     env.log(f"data {data_dir}: {len(train_set)} train / {len(val_set)} val frames{fold}, "
             f"cache {'on' if cache else 'off'}, "
             f"{steps_per_epoch} steps/epoch of batch {args.batch_size}")
@@ -439,81 +301,18 @@ def load_data(args, env):
 
 
 # ------------------------------------------------------------------------------------------------
-# optimisation
+# optimisation (the LR schedules: schedules.py)
+
+def encoder_lr(args):
+    return args.lr if args.encoder_lr is None else args.encoder_lr
+
 
 def make_optimizer(args, model):
     enc, dec = param_groups(model)
-    enc_lr = args.lr if args.encoder_lr is None else args.encoder_lr
-    groups = [{"params": enc, "lr": enc_lr, "name": "encoder"}, {"params": dec, "lr": args.lr, "name": "decoder"}]
+    groups = [{"params": enc, "lr": encoder_lr(args), "name": "encoder"},
+              {"params": dec, "lr": args.lr, "name": "decoder"}]
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     return opt_cls([g for g in groups if g["params"]], lr=args.lr, weight_decay=args.weight_decay)
-
-
-def one_cycle_factor(progress):
-    """OneCycleLR's shape (cosine up from lr/div for pct_start, cosine down to lr/(div*final_div)) at progress
-    in [0, 1]."""
-    progress = min(max(progress, 0.0), 1.0)
-    pct, div, final_div = ONE_CYCLE["pct_start"], ONE_CYCLE["div_factor"], ONE_CYCLE["final_div_factor"]
-    cos = lambda a, b, t: b + (a - b) * (1 + math.cos(math.pi * t)) / 2
-    if progress < pct:
-        return cos(1 / div, 1.0, progress / pct)
-    return cos(1.0, 1 / (div * final_div), (progress - pct) / (1 - pct))
-
-
-def cosine_factor(progress):
-    return (1 + math.cos(math.pi * min(progress, 1.0))) / 2
-
-
-def wsd_factor(step, warmup_steps, decay_start, total_steps):
-    """Warmup-stable-decay: linear from WSD's start_factor to 1 over warmup_steps, 1 until decay_start, then 1-sqrt
-    down to 0 at total_steps (Hägele et al. 2024, "Scaling laws and compute-optimal training beyond fixed training
-    durations"). Up to decay_start it does not depend on the length, so one constant run serves every length."""
-    if step < warmup_steps:
-        return WSD["start_factor"] + (1 - WSD["start_factor"]) * step / warmup_steps
-    if step < decay_start:
-        return 1.0
-    return max(0.0, 1.0 - math.sqrt((step - decay_start) / max(1, total_steps - decay_start)))
-
-
-def decay_epochs(args, max_epochs):
-    return WSD["decay_fraction"] * max_epochs if args.decay_epochs is None else args.decay_epochs
-
-
-def make_scheduler(args, optimizer, total_steps, steps_per_epoch=1):
-    """Per-step LR schedule over total_steps (None for none, and for onecycle/cosine with --time_budget: those follow
-    the clock instead, see `follow_clock`)."""
-    total = max(1, total_steps)
-    lrs = [g["lr"] for g in optimizer.param_groups]
-    if args.time_budget and args.scheduler in ("onecycle", "cosine"):
-        return None
-    if args.scheduler == "wsd":
-        decay_start = total - round(decay_epochs(args, total / steps_per_epoch) * steps_per_epoch)
-        shape = functools.partial(wsd_factor, warmup_steps=max(1, round(WSD["warmup_epochs"] * steps_per_epoch)),
-                                  decay_start=decay_start, total_steps=total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
-        scheduler.total_steps = total  # kept in its state_dict: a resumed run checks its length like onecycle's
-        return scheduler
-    if args.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs, total_steps=total, **ONE_CYCLE)
-    if args.scheduler == "cyclic":
-        return torch.optim.lr_scheduler.CyclicLR(optimizer, base_lr=lrs,
-                                                 max_lr=[CYCLIC["max_factor"] * lr for lr in lrs],
-                                                 step_size_up=CYCLIC["up_steps"], step_size_down=CYCLIC["down_steps"],
-                                                 mode="triangular2", cycle_momentum=False)
-    if args.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-    return None
-
-
-def follow_clock(run):
-    """With --time_budget, onecycle and cosine run on the clock: each group's LR is its base LR times the schedule's
-    factor at the fraction of the budget trained so far, so the schedule ends exactly when the budget does."""
-    if not (run.args.time_budget and run.args.scheduler in ("onecycle", "cosine")):
-        return
-    shape = one_cycle_factor if run.args.scheduler == "onecycle" else cosine_factor
-    factor = shape(run.train_seconds / (60 * run.args.time_budget))
-    for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
-        group["lr"] = base_lr * factor
 
 
 def ema_update(ema_net, net, decay, step):
@@ -577,6 +376,16 @@ def setup(args):
     return env
 
 
+def ready_to_train(net, args, env):
+    """The model frozen as --freeze says, on the device, in the memory format of the run."""
+    freeze_encoder(net, args.freeze)
+    depthwise_fp32_in_training(net)  # CPU bf16 only: faster backward
+    net.to(env.device)
+    if env.channels_last:
+        net.to(memory_format=torch.channels_last)
+    return net
+
+
 def epochs_to_run(args, is_synthetic):
     if args.max_epochs is not None:
         return args.max_epochs
@@ -589,22 +398,22 @@ def build_run(args, env, data, ckpt):
     """Everything that changes while training (model, its average, optimizer, schedule, counters, history), made from
     the arguments, or from a checkpoint to continue it exactly."""
     source = args.resume or args.branch  # the checkpoint a run continues (ckpt), if any
-    if ckpt is not None:
+    if args.init:  # a new run from the weights of ckpt: nothing else of it is taken
+        net, ckpt = model_from_init(args, env, data, ckpt), None
+    elif ckpt is not None:
         net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], source)
-    elif args.init:
-        net = model_from_init(args, env, data)
     else:
         net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
                           encoder_weights=args.encoder_weights, head=args.head,
                           **({"drop_path": args.drop_path} if args.drop_path else {}))
-    freeze_encoder(net, args.freeze)
-    depthwise_fp32_in_training(net)  # CPU bf16 only: faster backward
-    net.to(env.device)
-    if env.channels_last:
-        net.to(memory_format=torch.channels_last)
-    ema_net = copy.deepcopy(net).eval().requires_grad_(False) if args.ema > 0 else None
-    if ema_net is not None and ckpt is not None and ckpt.get("train_state_dict"):  # checked like the raw weights
-        ema_net.load_state_dict(model_from_checkpoint(ckpt["model"], ckpt["state_dict"], source).state_dict())
+    net = ready_to_train(net, args, env)
+    ema_net = None
+    if args.ema > 0 and ckpt is not None and ckpt.get("train_state_dict"):  # the average: checked like the raw weights
+        ema_net = ready_to_train(model_from_checkpoint(ckpt["model"], ckpt["state_dict"], source), args, env)
+    elif args.ema > 0:
+        ema_net = copy.deepcopy(net)
+    if ema_net is not None:
+        ema_net.eval().requires_grad_(False)
     max_epochs = epochs_to_run(args, data.synthetic)
     optimizer = make_optimizer(args, net)
     model = torch.nn.parallel.DistributedDataParallel(net) if env.world > 1 else net
@@ -630,40 +439,22 @@ def build_run(args, env, data, ckpt):
         dist.broadcast_object_list(box)
         run.dir = box[0]
     follow_clock(run)
-    encoder_lr = args.lr if args.encoder_lr is None else args.encoder_lr
     schedule = f"scheduler {args.scheduler}"
     if args.time_budget:
-        on_clock = args.scheduler in ("onecycle", "cosine")
-        schedule += (f" over a {args.time_budget:g}-minute budget" if on_clock
+        schedule += (f" over a {args.time_budget:g}-minute budget" if on_clock(args)
                      else f", stopping after {args.time_budget:g} minutes")
     parts = [f"model {args.model} ({sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
              f"head {net.config.get('head')})", f"loss {run.loss_fn.spec}",
-             f"{args.optimizer} lr {args.lr:g} (encoder {encoder_lr:g})", schedule]
+             f"{args.optimizer} lr {args.lr:g} (encoder {encoder_lr(args):g})", schedule]
     if ema_net is not None:
         parts.append(f"EMA {args.ema:g}")
     env.log(", ".join(parts) + f", run folder {run.dir}")
     return run
 
 
-def init_model_flags(ckpt):
-    """The model flags a checkpoint's model answers to (--init takes them as defaults)."""
-    held = ckpt["model"]
-    return {"model": held.get("name"), "encoder": held.get("encoder"), "head": held.get("head")}
-
-
-def check_init_flags(args, init):
-    """--init: one line naming each model flag that asks for another model than the checkpoint holds."""
-    differ = [f"--{k} {getattr(args, k)} (it holds {held})" for k, held in init_model_flags(init).items()
-              if getattr(args, k) is not None and getattr(args, k) != held]
-    if differ:
-        raise UserError(f"--init {args.init}: another model than the flags ask for: {'; '.join(differ)} "
-                        f"(leave those flags out to take the checkpoint's)")
-
-
-def model_from_init(args, env, data):
-    """--init: the model of a checkpoint with its evaluated weights (state_dict: the average with --ema), for a new run
-    (parse_args has checked that the model flags ask for this model)."""
-    ckpt = read_checkpoint(args.init, "--init")
+def model_from_init(args, env, data, ckpt):
+    """--init: the model of its checkpoint (ckpt, read by parse_args) with its evaluated weights (state_dict: the
+    average with --ema), for a new run (parse_args has checked that the model flags ask for this model)."""
     net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.init)
     hw = checkpoint_train_hw(ckpt)
     env.log(f"initialised from {args.init} (its evaluated weights, after {epochs_done(ckpt)} epoch(s) of its run); "
@@ -727,13 +518,6 @@ def restore_training_state(run, ckpt, source):
                         f"{first_line(e)})") from None
 
 
-def kept_message(run_dir):
-    last = os.path.join(run_dir, "last.pth")
-    if os.path.exists(last):
-        return f"The last good checkpoint is kept: {last}"
-    return "No checkpoint had been written yet."
-
-
 def save_checkpoints(run, env, names):
     """Write the training state under each name in the run folder (rank 0). Weights holding NaN/inf (a step with a
     finite loss but NaN gradients) never replace a good checkpoint: FloatingPointError instead."""
@@ -741,10 +525,10 @@ def save_checkpoints(run, env, names):
     if bad:
         epoch = run.epoch + (1 if run.in_epoch else 0)
         raise FloatingPointError(f"weights hold NaN/inf (e.g. {bad[0]}) after step {run.step} (epoch {epoch}); "
-                                 f"stopping. {kept_message(run.dir)}")
+                                 f"stopping. {kept_checkpoint_note(run.dir)}")
     if not env.main:
         return
-    write_step_log(run)
+    write_step_log(run.dir, run.step_log)
     state = training_state(run)
     for name in names:
         path = os.path.join(run.dir, name)
@@ -755,59 +539,13 @@ def save_checkpoints(run, env, names):
                             "the previous file is intact") from None
 
 
-def holds_run(folder):
-    """Whether a folder is taken: it holds anything but what a run of ours killed before its first checkpoint
-    leaves behind (our RUN_MARKER, metrics, figures, temp files); the same command started again continues in such
-    a folder. Without the marker, any file (a user's own metrics.csv) makes it taken."""
-    entries = os.listdir(folder) if os.path.isdir(folder) else []
-    if RUN_MARKER not in entries:
-        return bool(entries)
-    return any(f not in (RUN_MARKER, "metrics.csv", STEP_LOG, "curves.png", "figures") and not TEMP_NAME.match(f)
-               for f in entries)
-
-
-def claim_run_dir(args):
-    """(run folder, the lock that claims it) for rank 0. A resumed run continues in its checkpoint's folder, locked
-    (refused while another main.py runs there); one whose checkpoint sits in a folder main.py did not make (no
-    RUN_MARKER) continues in a new run folder, so nothing beside the checkpoint is written or pruned. A new run takes
-    --ckpt_dir/--ckpt_name (default the model name; -2, -3 ... when taken): a folder counts as taken when it holds a
-    run (`holds_run`) or another main.py holds its lock, so two runs started at once never share one."""
-    if args.resume:
-        folder = os.path.dirname(os.path.abspath(args.resume))
-        if os.path.exists(os.path.join(folder, RUN_MARKER)):
-            lock = lock_folder(folder)
-            if lock is None:
-                raise UserError(f"--resume {args.resume}: another main.py is running in {folder} now; wait for it to "
-                                "end (or stop it) and resume again")
-            return folder, lock
-    base = os.path.join(args.ckpt_dir, args.ckpt_name or args.model)
-    explicit = bool(args.ckpt_name) and not args.resume
-    for k in itertools.count(1):
-        run_dir = base if k == 1 else f"{base}-{k}"
-        taken = holds_run(run_dir)
-        if not taken:
-            os.makedirs(run_dir, exist_ok=True)
-            lock = lock_folder(run_dir)
-            if lock is not None and not holds_run(run_dir):  # checked again under the lock: claimed
-                atomic_write(os.path.join(run_dir, RUN_MARKER), lambda f: f.write(b"a main.py run folder\n"))
-                if args.resume:
-                    print(f"--resume {args.resume}: its folder was not made by main.py, so nothing is written there; "
-                          f"the run continues in {run_dir}")
-                return run_dir, lock
-            unlock(lock)
-        if explicit:
-            raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}/last.pth or choose "
-                            f"another --ckpt_name" if taken else
-                            f"{run_dir} is in use by another main.py running now; choose another --ckpt_name")
-
-
 def repair_run_dir(run, env):
     """Clear temp files a kill left (rank 0). A kill can also fall between writing last.pth and best.pth of one
     epoch: then best.pth is written again from the resumed state."""
     if not env.main:
         return
     remove_stale_temps(run.dir)
-    write_step_log(run)  # a kill after the log's write but before last.pth's would leave it steps ahead
+    write_step_log(run.dir, run.step_log)  # a kill after the log's write, before last.pth's, would leave it steps ahead
     if not run.in_epoch and run.best["epoch"] == run.epoch:  # only a resumed run has a best epoch here
         try:
             best = read_checkpoint(os.path.join(run.dir, "best.pth"), "--resume")
@@ -817,6 +555,13 @@ def repair_run_dir(run, env):
         if stale:
             save_checkpoints(run, env, ["best.pth"])
             env.log(f"rewrote best.pth (epoch {run.epoch}): a crash had cut its write short")
+
+
+def all_reduce_floats(values, env, op="sum"):
+    """values (floats) reduced over all processes in float64: summed, or op ("max" ...: a torch ReduceOp's name)."""
+    t = torch.tensor(values, dtype=torch.float64, device=env.device)
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()))
+    return t.tolist()
 
 
 def request_stop(run, signum, _frame):
@@ -834,7 +579,7 @@ def train_one_epoch(run, data, env, epoch):
     or "stopped" (a signal: last.pth then holds the exact place within the epoch)."""
     args = run.args
     torch.manual_seed(args.seed * SEED_TORCH + epoch)  # everything random in an epoch is fixed by (seed, epoch)
-    aug_gen = torch.Generator().manual_seed(args.seed * SEED_AUG[0] + epoch * SEED_AUG[1] + env.rank)
+    aug_gen = torch.Generator().manual_seed(args.seed * SEED_AUG_PER_SEED + epoch * SEED_AUG_PER_EPOCH + env.rank)
     augment = ds_lib.parse_augment(args.augment)
     indices = epoch_order(len(data.train), args.seed, epoch, env.rank, env.world)
     skip, loss_sum, n_seen = 0, 0.0, 0
@@ -856,16 +601,14 @@ def train_one_epoch(run, data, env, epoch):
                               augment=augment and dict(augment, generator=aug_gen))
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {run.step + 1} (epoch {epoch + 1}); stopping. "
-                                     f"{kept_message(run.dir)}") from None
+                                     f"{kept_checkpoint_note(run.dir)}") from None
         if run.ema_net is not None:
             ema_update(run.ema_net, run.net, args.ema, run.step)
         run.step += 1
         steps_done += 1
         run.train_seconds += time.time() - since
         if env.world > 1 and args.time_budget:  # one clock for all processes: the slowest one's
-            t = torch.tensor([run.train_seconds], dtype=torch.float64, device=env.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            run.train_seconds = t.item()
+            run.train_seconds, = all_reduce_floats([run.train_seconds], env, "max")
         follow_clock(run)
         out_of_time = bool(args.time_budget) and run.train_seconds >= 60 * args.time_budget
         run.step_log.append([run.step, epoch + 1, loss.item(), run.optimizer.param_groups[-1]["lr"]])
@@ -904,9 +647,7 @@ def split_metrics(model, split_set, indices, env, batch_size):
     total = evaluate_batches(model, batches, env.device, env.amp_dtype, env.channels_last)
     if env.world > 1:
         keys = sorted(total)
-        t = torch.tensor([total[k] for k in keys], dtype=torch.float64, device=env.device)
-        dist.all_reduce(t)
-        total = dict(zip(keys, t.tolist()))
+        total = dict(zip(keys, all_reduce_floats([total[k] for k in keys], env)))
     return summarize(total)
 
 
@@ -965,51 +706,11 @@ def evaluate_and_save(run, data, env, out_of_time):
         prune_epoch_files(run.dir, args.keep)
 
 
-def write_csv(path, rows):
-    keys = []
-    for row in rows:
-        keys += [k for k in row if k not in keys]
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def write_step_log(run):
-    """STEP_LOG in the run folder: the training loss of every step (this process's batch mean, before the step's
-    update) and the decoder LR after it, written from the checkpointed record: exact across --resume."""
-    path = os.path.join(run.dir, STEP_LOG)
-    if run.step_log:
-        write_csv(path, [dict(zip(("step", "epoch", "loss", "lr"), r)) for r in run.step_log])
-    elif os.path.exists(path):  # a run of ours killed before its first checkpoint: its steps are run again
-        os.remove(path)
-
-
-def prune_epoch_files(run_dir, keep):
-    files = sorted(f for f in os.listdir(run_dir) if EPOCH_FILE.match(f))
-    for f in files[: max(0, len(files) - keep)]:
-        os.remove(os.path.join(run_dir, f))
-
-
-def write_fold_result(run, data, env):
-    """A fold's result is its last evaluation (nothing is selected on the held-out block): result.json."""
-    args, last = run.args, run.history[-1]
-    result = {"fold": args.fold, "folds": args.folds, "guard": args.guard,
-              "held_out": [data.val.names[0], data.val.names[-1]], "n_train": len(data.train),
-              "n_held_out": len(data.val), "epochs": last["epoch"], "train_minutes": last["train_minutes"],
-              "rmse": last["val_rmse"], "ssim": last["val_ssim"], "scheduler": args.scheduler,
-              "decay_from": run.max_epochs - decay_epochs(args, run.max_epochs) if args.scheduler == "wsd" else None,
-              **{k: v for k, v in last.items() if k.startswith("val_")}}
-    atomic_write(os.path.join(run.dir, "result.json"), lambda f: f.write(json.dumps(result, indent=1).encode()))
-    env.log(f"fold {args.fold}/{args.folds} done: held-out RMSE {last['val_rmse']:.4f} SSIM {last['val_ssim']:.4f} "
-            f"(last evaluation) -> {run.dir}/result.json")
-
-
 # ------------------------------------------------------------------------------------------------
 
 def train(args, ckpt=None):
-    """A whole training run (or the rest of one, from `ckpt`). 0 when done, 130 when stopped by a signal."""
+    """A whole training run (or the rest of one, from `ckpt`; with --init, ckpt holds the weights it starts from).
+    0 when done, 130 when stopped by a signal."""
     env = setup(args)
     data = load_data(args, env)
     run = build_run(args, env, data, ckpt)
@@ -1043,7 +744,8 @@ def train(args, ckpt=None):
         if env.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
     if env.main and args.folds:
-        write_fold_result(run, data, env)
+        crossval.write_fold_result(run, data, decay_from(args, run.max_epochs) if args.scheduler == "wsd" else None,
+                                   env.log)
     if env.main and run.best["epoch"] is not None:
         best_pth = os.path.join(run.dir, "best.pth")
         if not os.path.relpath(best_pth).startswith(".."):  # a resumed run's folder is absolute: show it as typed
@@ -1053,35 +755,6 @@ def train(args, ckpt=None):
         if not args.folds:
             env.log(f"evaluate it: python evaluate.py --data {shlex.quote(data.dir)} --split val "
                     f"--ckpt {shlex.quote(best_pth)}")
-    return 0
-
-
-def cross_validate(args, argv):
-    """Every fold of --folds in turn (a fold with a result.json is done; one with a last.pth is resumed), then the
-    table: per-fold held-out RMSE/SSIM of each fold's last evaluation, their mean and standard deviation."""
-    if args.resume:
-        raise UserError("--resume continues one fold (--resume RUN/foldK/last.pth); to continue a whole "
-                        "cross-validation, run the same command again: finished folds are kept, a cut one resumes")
-    cv_dir = os.path.join(args.ckpt_dir, args.ckpt_name or f"{args.model}_cv{args.folds}")
-    results = []
-    for k in range(1, args.folds + 1):
-        fold_dir = os.path.join(cv_dir, f"fold{k}")
-        if not os.path.exists(os.path.join(fold_dir, "result.json")):
-            if os.path.exists(os.path.join(fold_dir, "last.pth")):
-                print(f"fold {k}/{args.folds}: continuing {fold_dir}/last.pth")
-                code = train(*parse_args(["--resume", os.path.join(fold_dir, "last.pth")]))
-            else:
-                print(f"fold {k}/{args.folds}: training in {fold_dir}")
-                code = train(*parse_args(argv + ["--fold", str(k), "--ckpt_dir", cv_dir, "--ckpt_name", f"fold{k}"]))
-            if code != 0 or not os.path.exists(os.path.join(fold_dir, "result.json")):
-                print(f"cross-validation paused at fold {k}; run the same command again to continue")
-                return code or 130
-        with open(os.path.join(fold_dir, "result.json")) as f:
-            results.append(json.load(f))
-    table = cv_table(results)
-    atomic_write(os.path.join(cv_dir, "cv.md"), lambda f: f.write(table.encode()))
-    write_csv(os.path.join(cv_dir, "cv.csv"), results)
-    print(table + f"\nwrote {cv_dir}/cv.md and cv.csv")
     return 0
 
 
@@ -1105,10 +778,7 @@ def check_args(args):
             check(getattr(args, flag[2:]))
         except ValueError as e:
             raise UserError(f"{flag}: {e}") from None
-    if args.folds and (args.folds < 2 or args.fold is not None and not 1 <= args.fold <= args.folds):
-        raise UserError(f"--folds must be 2 or more and --fold between 1 and --folds, got {args.folds} and {args.fold}")
-    if args.fold is not None and not args.folds:
-        raise UserError("--fold needs --folds N")
+    crossval.check_fold_flags(args)
     if args.scheduler == "wsd" and args.time_budget:
         raise UserError("--scheduler wsd runs over --max_epochs; it does not follow --time_budget's clock")
 
@@ -1130,7 +800,7 @@ def main(argv=None):
             return 0
         check_args(args)
         if args.folds and args.fold is None:
-            return cross_validate(args, argv)
+            return crossval.cross_validate(args, argv, lambda fold_argv: train(*parse_args(fold_argv)))
         return train(args, ckpt)
     except (UserError, FloatingPointError, OSError) as e:  # OSError: a full disk or a folder that cannot be written
         print(f"error: {e}", file=sys.stderr)

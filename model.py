@@ -593,7 +593,6 @@ def check_imagenet(image_path, timm_model_name="tf_efficientnet_lite0", k=5):
 
 if __name__ == "__main__":
     import argparse
-    import sys
     parser = argparse.ArgumentParser(description="Model variants; checks of the offline ImageNet weights.")
     parser.add_argument("--check-imagenet", metavar="IMAGE", help="print the top-5 ImageNet classes of IMAGE")
     parser.add_argument("--encoder", default="tf_efficientnet_lite0", choices=EFFNET_LITE)

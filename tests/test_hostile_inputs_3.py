@@ -25,6 +25,7 @@ import dataset
 import evaluate
 import main as main_mod
 import model as model_lib
+import rundir
 import utils
 from checkpoint import save_checkpoint
 from conftest import ROOT, message_lines, small_scenes
@@ -152,19 +153,19 @@ def test_a_locked_folder_is_taken_by_default_names_and_refused_to_resume(cut_run
     os.makedirs(tmp_path / "unet_res")
     held = lock_folder(str(tmp_path / "unet_res"))
     try:  # another process (here: another descriptor) holds the folder: a new run goes to the next name
-        run_dir, lock = main_mod.claim_run_dir(args)
+        run_dir, lock = rundir.claim_run_dir(args)
         unlock(lock)
-        assert run_dir == str(tmp_path / "unet_res-2") and os.listdir(run_dir) == [main_mod.RUN_MARKER]
+        assert run_dir == str(tmp_path / "unet_res-2") and os.listdir(run_dir) == [rundir.RUN_MARKER]
         args.ckpt_name = "unet_res"
         with pytest.raises(UserError, match="is in use by another main.py running now"):
-            main_mod.claim_run_dir(args)
+            rundir.claim_run_dir(args)
     finally:
         unlock(held)
     held = lock_folder(cut_run)
     try:
         args.resume = os.path.join(cut_run, "last.pth")
         with pytest.raises(UserError, match="another main.py is running in .* now"):
-            main_mod.claim_run_dir(args)
+            rundir.claim_run_dir(args)
     finally:
         unlock(held)
 
@@ -269,7 +270,7 @@ def test_resume_from_a_users_folder_writes_nothing_there_and_says_what_it_kept(r
     assert "this session uses --data_dir " + moved + ", --workers 1" in out
     assert "the run's own frames, from a moved folder" in out and "its folder was not made by main.py" in out
     new = tmp_path / "runs" / "cut"
-    assert main_mod.RUN_MARKER in os.listdir(new) and safe_load(str(new / "last.pth"))["epoch"] == 2
+    assert rundir.RUN_MARKER in os.listdir(new) and safe_load(str(new / "last.pth"))["epoch"] == 2
     ref = safe_load(os.path.join(cut_run, "last.pth"))
     assert ref["frames"]["train"] == [str(i) for i in range(8)]  # the record the comparison uses
 
@@ -277,7 +278,7 @@ def test_resume_from_a_users_folder_writes_nothing_there_and_says_what_it_kept(r
 def test_prune_keeps_files_main_py_did_not_name(tmp_path):
     for name in ("epoch001.pth", "epoch002.pth", "epoch003.pth", "epoch_notes.pth", "epochs.pth"):
         (tmp_path / name).write_bytes(b"x")
-    main_mod.prune_epoch_files(str(tmp_path), 1)
+    rundir.prune_epoch_files(str(tmp_path), 1)
     assert sorted(os.listdir(tmp_path)) == ["epoch003.pth", "epoch_notes.pth", "epochs.pth"]
 
 

@@ -11,6 +11,7 @@ import torch
 
 import main as main_mod
 import model as model_lib
+import schedules
 from checkpoint import model_from_checkpoint
 from safe_load import safe_load
 
@@ -77,7 +78,7 @@ def test_init_fine_tunes_from_the_checkpoints_weights(two_epoch_run, synthetic_r
     ckpt = safe_load(init)
     net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], init).train()
     train = dataset.DepthDataset(synthetic_root, split="train")
-    idx = main_mod.epoch_order(len(train), 3, 0, 0, 1)[:4]  # --seed 3, epoch 0, one process; batch 4
+    idx = dataset.epoch_order(len(train), 3, 0, 0, 1)[:4]  # --seed 3, epoch 0, one process; batch 4
     rgb, depth_m = torch.stack([train[i][0] for i in idx]), torch.stack([train[i][1] for i in idx])
     loss_fn = losses.build_loss(ckpt["args"]["loss"], clip_aware_terms=True)
     with torch.no_grad():
@@ -193,10 +194,10 @@ def test_clock_one_cycle_is_torchs_onecycle():
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=n, cycle_momentum=False)
     for k in range(n):
         if k % 1000 == 0 or k == n - 1:
-            assert opt.param_groups[0]["lr"] == pytest.approx(main_mod.one_cycle_factor(k / (n - 1)), rel=2e-3,
+            assert opt.param_groups[0]["lr"] == pytest.approx(schedules.one_cycle_factor(k / (n - 1)), rel=2e-3,
                                                               abs=1e-8)
         opt.step(); sched.step()
-    assert main_mod.one_cycle_factor(0.3) == 1.0 and main_mod.one_cycle_factor(2.0) == pytest.approx(1 / 25 / 1e4)
+    assert schedules.one_cycle_factor(0.3) == 1.0 and schedules.one_cycle_factor(2.0) == pytest.approx(1 / 25 / 1e4)
 
 
 def test_time_budget_stops_on_time_and_anneals(synthetic_root, tmp_path):
@@ -223,7 +224,7 @@ def test_recipes_set_what_the_reports_say(capsys):
 def test_cyclic_schedule_is_the_reports():
     args, _ = main_mod.parse_args(["--recipe", "resnet34_report"])
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
-    sched = main_mod.make_scheduler(args, opt, total_steps=100 * args.max_epochs)
+    sched = schedules.make_scheduler(args, opt, total_steps=100 * args.max_epochs)
     lrs = []
     for _ in range(6001):
         lrs.append(opt.param_groups[0]["lr"])
@@ -298,12 +299,12 @@ def test_export_ships_the_weights_and_the_tta_it_names(two_epoch_run, synthetic_
 
 def test_wsd_factor_by_hand():
     """Warm-up from 1/25 to 1, constant, then 1 - sqrt(fraction of the decay done), 0 at the end."""
-    f = functools.partial(main_mod.wsd_factor, warmup_steps=10, decay_start=50, total_steps=150)
+    f = functools.partial(schedules.wsd_factor, warmup_steps=10, decay_start=50, total_steps=150)
     assert f(0) == pytest.approx(0.04) and f(5) == pytest.approx(0.04 + 0.96 * 0.5) and f(10) == 1.0
     assert f(49) == 1.0 and f(50) == 1.0
     assert f(75) == pytest.approx(0.5) and f(150) == 0.0 and f(200) == 0.0
     assert f(100) == pytest.approx(1 - math.sqrt(0.5))
-    constant = functools.partial(main_mod.wsd_factor, warmup_steps=10, decay_start=150, total_steps=150)
+    constant = functools.partial(schedules.wsd_factor, warmup_steps=10, decay_start=150, total_steps=150)
     assert all(constant(s) == 1.0 for s in range(10, 150))
 
 

@@ -37,6 +37,7 @@ import losses
 import main as main_mod
 import model as model_lib
 import utils
+import rundir
 from conftest import ROOT, exploit, message_lines, run_script, small_scenes
 from checkpoint import CKPT_FORMAT, save_checkpoint
 from safe_load import safe_load
@@ -265,7 +266,7 @@ def test_same_seed_same_numbers(small_root, reference, tmp_path):
 
 def claimed_dir(args):
     """The run folder main.py claims for these arguments (its lock released at once)."""
-    run_dir, lock = main_mod.claim_run_dir(args)
+    run_dir, lock = rundir.claim_run_dir(args)
     utils.unlock(lock)
     return run_dir
 
@@ -275,7 +276,7 @@ def test_restarting_in_a_folder_left_before_the_first_checkpoint(small_root, tmp
     there (clearing the temp files). Anything else in the folder still counts as a run never overwritten."""
     run_dir = tmp_path / "r"
     (run_dir / "figures").mkdir(parents=True)
-    (run_dir / main_mod.RUN_MARKER).write_text("")  # the first file a run writes
+    (run_dir / rundir.RUN_MARKER).write_text("")  # the first file a run writes
     (run_dir / "metrics.csv").write_text("epoch\n1\n")
     (run_dir / ".last.pth.k2j4_9zq.tmp").write_bytes(b"partial")
     (run_dir / "figures" / ".epoch002_val3.png.a1b2c3d4.tmp").write_bytes(b"partial")
@@ -339,7 +340,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one(small_root, tmp_path):
 
 
 def test_full_disk_at_metrics_csv_is_one_line(small_root, tmp_path, monkeypatch, capsys):
-    real = main_mod.atomic_write
+    real = rundir.atomic_write
 
     def disk_full_for_metrics(path, write_fn):
         if not str(path).endswith("metrics.csv"):
@@ -349,7 +350,7 @@ def test_full_disk_at_metrics_csv_is_one_line(small_root, tmp_path, monkeypatch,
             f.write(b"epoch,step\n")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, half_then_full)
-    monkeypatch.setattr(main_mod, "atomic_write", disk_full_for_metrics)
+    monkeypatch.setattr(rundir, "atomic_write", disk_full_for_metrics)
     assert main_mod.main(train_args(small_root, tmp_path, "m", "--max_epochs", "2")) == 2
     one_line(capsys.readouterr().err, "error: [Errno 28] No space left on device", str(tmp_path / "m" / "metrics.csv"))
     assert temps(str(tmp_path / "m")) == [] and not (tmp_path / "m" / "metrics.csv").exists()
