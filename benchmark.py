@@ -7,12 +7,12 @@
     python benchmark.py --deploy checkpoints/best.pth --steps 5 --repeats 5    # eager vs TorchScript vs ONNX Runtime
 
 train: images/s of main.py's step (cached uint8 tensors indexed per batch by dataset.batches_of, main.train_step,
-       autocast and memory format from utils.fast_path, main.py's default augmentation) and of the template-style
-       step (a DataLoader with --template_workers workers over a Dataset that opens every JPEG with PIL and
+       autocast and memory format from utils.precision_and_layout, main.py's default augmentation) and of the
+       template-style step (a DataLoader with --template_workers workers over a Dataset that opens every JPEG with PIL and
        np.loads every depth map, torchvision ToTensor, fp32, default memory format), with the same model, batch,
        optimizer (main.make_optimizer: AdamW), scheduler and loss.
-eval:  images/s of evaluate.py's prediction path (model.predict_depth under inference_mode, fast_path's choices,
-       cached batches) against the template-style loop (file-decoding DataLoader, fp32, no_grad).
+eval:  images/s of evaluate.py's prediction path (model.predict_depth under inference_mode, the choices of
+       utils.precision_and_layout, cached batches) against the template-style loop (file-decoding DataLoader, fp32, no_grad).
 Each path: --warmup untimed steps, then --repeats timed runs of --steps steps, the paths' runs taken in turn;
        median and min-max are printed.
 utilisation: FLOPs per image (torch.utils.flop_counter on one step), achieved FLOP/s and MFU, i.e. that as a
@@ -41,12 +41,12 @@ from export import export_graph, load_graph
 from losses import build_loss
 from model import predict_depth
 from schedules import make_scheduler
-from utils import (UserError, atomic_write, cpu_model_name, fast_path, non_negative_int, one_line_errors, pick_device,
-                   positive_int, seed_everything)
+from utils import (UserError, atomic_write, cpu_model_name, non_negative_int, pick_device, positive_int,
+                   precision_and_layout, seed_everything, with_cli_conventions)
 
 
 def get_parser():
-    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p = with_cli_conventions(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
     a("--model", default=train_script.MODEL, help="model variant (main.py --list-models)")
     a("--data_dir", default=None, help="dataset root (default: synthetic scenes made in a temporary folder)")
@@ -59,7 +59,7 @@ def get_parser():
     a("--template_workers", type=non_negative_int, default=4,
       help="DataLoader workers of the template-style loops (the template's 4)")
     a("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-      help="our path's autocast (auto: utils.fast_path)")
+      help="our path's autocast (auto: utils.precision_and_layout)")
     a("--channels_last", default="auto", choices=["auto", "on", "off"], help="our path's memory format")
     a("--compile", default="none", choices=["none", "train", "eval", "both"],
       help="torch.compile our path's model for training (main.py --compile), inference (evaluate.py --compile) or "
@@ -232,8 +232,8 @@ def make_path(margs, loss_fn, device, total_steps, amp_dtype=None, channels_last
     optimizer = train_script.make_optimizer(margs, net)
     scheduler = make_scheduler(margs, optimizer, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_model = model_lib.compiled(net) if compile in ("train", "both") else net
-    eval_model = model_lib.compiled(net) if compile in ("eval", "both") else net
+    step_model = model_lib.compile_or_eager(net) if compile in ("train", "both") else net
+    eval_model = model_lib.compile_or_eager(net) if compile in ("eval", "both") else net
 
     def train_one(rgb, depth_m):
         return train_script.train_step(step_model, net.input_size, rgb, depth_m, loss_fn, optimizer, scheduler,
@@ -281,7 +281,8 @@ def parse_batches(text):
 def deploy_latency(args):
     """{batch: {path: per-frame ms (median of --repeats runs of --steps calls, min-max)}} of one checkpoint on the
     CPU: eager predict_depth in fp32 (the graphs' numerics), eager with evaluate.py's fast path (autocast and
-    channels_last of utils.fast_path), the TorchScript and the ONNX graph; paths timed in turn (time_paths)."""
+    channels_last of utils.precision_and_layout), the TorchScript and the ONNX graph; paths timed in turn
+    (time_paths)."""
     import copy
     import types
     import evaluate
@@ -290,7 +291,7 @@ def deploy_latency(args):
     load_args = types.SimpleNamespace(ckpt=args.deploy, model=None, encoder=None, head="clip", tta=args.deploy_tta)
     net, config = evaluate.load_model(load_args, device)
     tta, hw = load_args.tta == "flip", model_lib.TRAIN_HW
-    amp_dtype, _, why = fast_path(device)
+    amp_dtype, _, why = precision_and_layout(device)
     fast_net = copy.deepcopy(net).to(memory_format=torch.channels_last)
     paths = {"eager": lambda rgb, _: predict_depth(net, rgb, tta=tta),
              "eager_fast": lambda rgb, _: predict_depth(fast_net, rgb, tta=tta, amp_dtype=amp_dtype,
@@ -335,7 +336,7 @@ def deploy_latency(args):
 def run(args):
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # the template's 4 workers on fewer cores
     device = pick_device(args.device)
-    amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
+    amp_dtype, channels_last, why = precision_and_layout(device, args.amp, args.channels_last)
     print(f"device {device} ({why}); torch {torch.__version__}, {torch.get_num_threads()} threads on {os.cpu_count()} "
           f"CPU cores, load average {os.getloadavg()[0]:.2f} (other work on the machine skews every figure)")
     compiled = f", torch.compile for {args.compile}" if args.compile != "none" else ""
@@ -453,7 +454,7 @@ def run(args):
                     "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "torch": str(torch.__version__),
                     "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                    "fast_path": why, "load_average_1min_at_end": os.getloadavg()[0]},
+                    "precision_and_layout": why, "load_average_1min_at_end": os.getloadavg()[0]},
         "config": {"model": args.model, "batch_size": args.batch_size, "image_hw": list(hw), "steps": args.steps,
                    "repeats": args.repeats, "warmup": args.warmup, "template_workers": args.template_workers,
                    "data_dir": args.data_dir, "train_frames": len(sets["train"]), "val_frames": len(sets["val"]),

@@ -24,8 +24,8 @@ import torch
 import evaluate
 from evaluate import MARKER, check_outputs, evaluate_batches, frame_batches, load_model, open_data
 from model import predict_depth
-from utils import (DEPTH_CMAP, MAX_DEPTH, SIGNED_ERROR_CMAP, SIGNED_ERROR_M, UserError, atomic_write, fast_path,
-                   flag_range, one_line_errors, pick_device, positive_int, summarize)
+from utils import (DEPTH_CMAP, MAX_DEPTH, SIGNED_ERROR_CMAP, SIGNED_ERROR_M, UserError, atomic_write, flag_range,
+                   pick_device, positive_int, precision_and_layout, summarize, with_cli_conventions)
 
 BLOCK = 50  # bootstrap block, frames: neighbours 50 frames apart are within 10% of independent (docs/generalisation.md)
 SAMPLES = 2000  # bootstrap resamples
@@ -34,7 +34,7 @@ FIGURES = 3  # --save_dir: figures of the frames where B is most better and most
 
 
 def get_parser():
-    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p = with_cli_conventions(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
     a("--data", required=True, nargs="+", help="what evaluate.py --data takes, with depth maps")
     a("--ckpt", required=True, help="checkpoint A (the reference)")
@@ -145,7 +145,7 @@ def run(args):
     args.ply, args.fov, args.intrinsics, args.min_depth, args.max_depth = False, None, None, 0.0, MAX_DEPTH
     check_outputs(args)  # evaluate.py's rules for --out and --save_dir
     device = pick_device(args.device)
-    amp_dtype, channels_last, why = fast_path(device, args.amp)
+    amp_dtype, channels_last, why = precision_and_layout(device, args.amp)
     models = []
     for path in (args.ckpt, args.compare):
         one = argparse.Namespace(ckpt=path, model=None, encoder=None, head="clip", tta=args.tta)

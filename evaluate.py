@@ -46,11 +46,11 @@ from tqdm import tqdm
 
 from checkpoint import checkpoint_train_hw, model_from_checkpoint, nonfinite_tensors, read_checkpoint
 from dataset import DepthDataset, load_rgb_uint8
-from model import HEADS, compiled, fit_input, predict_depth
+from model import HEADS, compile_or_eager, fit_input, predict_depth
 from utils import (ALIGNMENTS, MAX_DEPTH, METRIC_NAMES, TEMP_NAME, UserError, add_sums, align_depth, atomic_write,
-                   boundary_f1, depth_bin_sums, depth_colors, depth_range_mask, error_colors, fast_path, flag_range,
-                   lock_folder, metric_sums, one_line_errors, pick_device, positive_int, refuse_link,
-                   remove_stale_temps, sparsification, summarize, summarize_bins, unlock, visualize_img)
+                   boundary_f1, depth_bin_sums, depth_colors, depth_range_mask, error_colors, flag_range, lock_folder,
+                   metric_sums, pick_device, positive_int, precision_and_layout, refuse_link, remove_stale_temps,
+                   sparsification, summarize, summarize_bins, unlock, visualize_img, with_cli_conventions)
 
 MARKER = ".written_by_evaluate_py"
 HELD_LOCKS = []  # --save_dir locks this process holds
@@ -80,7 +80,7 @@ def parse_intrinsics(text):
 
 
 def get_parser():
-    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p = with_cli_conventions(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
     a("--data", required=True, nargs="+", help="dataset root (with --split), ROOT/test or ROOT/rgb/test for that "
       "split, a split folder (rgb/ + depth/), a folder of images or image files (predictions only); several: joined")
@@ -505,7 +505,7 @@ def run(args):
     args.data = paths[0] if len(paths) == 1 else list(paths)  # one path is printed and written as before
     check_outputs(args)
     device = pick_device(args.device)
-    amp_dtype, channels_last, why = fast_path(device, args.amp)
+    amp_dtype, channels_last, why = precision_and_layout(device, args.amp)
     net, config = load_model(args, device)
     nonfinite = nonfinite_tensors(net.state_dict())
     if nonfinite:
@@ -560,7 +560,7 @@ def run(args):
     batches = frame_batches(ds, args.batch_size, progress=sys.stderr.isatty())
     if args.protocol == "resnet34_224":
         batches = report_224_batches(batches)
-    total = evaluate_batches(compiled(net) if args.compile else net, batches, device, amp_dtype, channels_last,
+    total = evaluate_batches(compile_or_eager(net) if args.compile else net, batches, device, amp_dtype, channels_last,
                              args.tta == "flip", on_batch=on_batch, valid_fn=valid_fn)
     if ds.has_depth and not total.get("pixels"):
         raise UserError(f"--min_depth {args.min_depth:g} --max_depth {args.max_depth:g}"

@@ -38,22 +38,21 @@ from tqdm import tqdm
 import crossval
 import dataset as ds_lib
 import synthetic
-from checkpoint import (checkpoint_train_hw, model_from_checkpoint, nonfinite_tensors, read_checkpoint,
-                        save_checkpoint)
+from checkpoint import checkpoint_train_hw, model_from_checkpoint, nonfinite_tensors, read_checkpoint, save_checkpoint
 from dataset import batches_of, epoch_order, fits_in_ram
 from evaluate import evaluate_batches, frame_batches
 from export import export_model
 from losses import build_loss
-from model import (HEADS, build_model, compiled, depthwise_fp32_in_training, fit_input, freeze_encoder, list_models,
-                   param_groups, predict_depth, summary_text)
+from model import (HEADS, build_model, compile_or_eager, depthwise_fp32_in_training, fit_input, freeze_encoder,
+                   list_models, param_groups, predict_depth, summary_text)
 from recipes import RECIPES, recipe_note, set_recipe_defaults
 from resume_checks import (check_branch, check_init_flags, check_resume_flags, check_resumed_data, frame_record,
                            init_model_flags)
 from rundir import claim_run_dir, kept_checkpoint_note, prune_epoch_files, write_csv, write_step_log
 from schedules import WSD, decay_from, follow_clock, make_scheduler, on_clock
-from utils import (UserError, atomic_write, autocast, fast_path, first_line, flag_range, non_negative_float,
-                   non_negative_int, one_line_errors, pick_device, plot_curves, positive_float, positive_int,
-                   remove_stale_temps, seed_everything, summarize, unlock, visualize_img)
+from utils import (UserError, atomic_write, autocast, first_line, flag_range, non_negative_float, non_negative_int,
+                   pick_device, plot_curves, positive_float, positive_int, precision_and_layout, remove_stale_temps,
+                   seed_everything, summarize, unlock, visualize_img, with_cli_conventions)
 
 # ------------------------------------------------------------------------------------------------
 # hyperparameters (defaults of the flags below)
@@ -90,7 +89,7 @@ CKPT_DIR = "runs"
 WORKERS = 0                    # DataLoader workers when the data is not cached
 CACHE = "auto"                 # auto: decode a split into RAM once when it needs < CACHE_RAM_FRACTION of the memory
 CACHE_RAM_FRACTION = 0.4
-AMP = "auto"                   # auto: bf16 on GPUs and on CPUs with bf16 instructions (utils.fast_path)
+AMP = "auto"                   # auto: bf16 on GPUs and on CPUs with bf16 instructions (utils.precision_and_layout)
 CHANNELS_LAST = "auto"
 EVAL_BATCH_SIZE = 16           # evaluation batches hold at least this many frames (metrics do not depend on it)
 # epoch e's random state, fixed by --seed s (a resumed epoch repeats it): the sample order (dataset.epoch_order),
@@ -101,7 +100,7 @@ SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick st
 
 
 def get_parser():
-    p = one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
+    p = with_cli_conventions(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
     a("--data_dir", default=None, help=f"dataset root (default {DATA_DIR}; synthetic scenes when that is missing)")
     a("--model", default=MODEL, help="model variant (--list-models)")
@@ -368,7 +367,7 @@ def setup(args):
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     seed_everything(args.seed)
-    amp_dtype, channels_last, why = fast_path(device, args.amp, args.channels_last)
+    amp_dtype, channels_last, why = precision_and_layout(device, args.amp, args.channels_last)
     env = SimpleNamespace(world=world, rank=rank, main=rank == 0, device=device, amp_dtype=amp_dtype,
                           channels_last=channels_last, log=print if rank == 0 else (lambda *a, **k: None))
     env.log(f"device {device} ({why}); autocast {amp_dtype or 'off'}, channels_last {channels_last}, "
@@ -419,7 +418,7 @@ def build_run(args, env, data, ckpt):
     model = torch.nn.parallel.DistributedDataParallel(net) if env.world > 1 else net
     run = SimpleNamespace(
         args=args, net=net, ema_net=ema_net, eval_net=ema_net if ema_net is not None else net,
-        model=compiled(model) if args.compile else model, optimizer=optimizer,
+        model=compile_or_eager(model) if args.compile else model, optimizer=optimizer,
         base_lrs=[g["lr"] for g in optimizer.param_groups],
         scheduler=make_scheduler(args, optimizer, data.steps_per_epoch * max_epochs, data.steps_per_epoch),
         scaler=torch.amp.GradScaler(env.device.type, enabled=env.amp_dtype == torch.float16),

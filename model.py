@@ -133,7 +133,7 @@ def _depthwise_forward(conv, forward, x):
         return forward(conv, x.float())
 
 
-def compiled(model, backend="inductor"):
+def compile_or_eager(model, backend="inductor"):
     """torch.compile(model), set to fall back to eager, with a warning, where compiling fails (no C++ compiler, an
     unsupported op, a Python torch.compile does not support): never a crash. The first calls compile (seconds to
     minutes)."""

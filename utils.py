@@ -2,7 +2,7 @@
 
 The user-facing error, the one SSIM (the course definition), the one metrics function (accumulated
 over a whole split), the figures (`visualize_img`, `plot_curves`), seeding, device and speed choices
-(`fast_path`), and atomic file writes.
+(`precision_and_layout`), and atomic file writes.
 """
 import argparse
 import contextlib
@@ -519,7 +519,7 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def one_line_errors(parser):
+def with_cli_conventions(parser):
     """The parser, set to report a bad command line as one line, `error: ...` (no usage block), exit status 2,
     and to show each flag's default in --help."""
     parser.error = lambda message: parser.exit(2, f"error: {message} (--help lists the flags)\n")
@@ -636,7 +636,7 @@ def cpu_model_name():
     return platform.processor() or "unknown CPU"
 
 
-def fast_path(device, amp="auto", channels_last="auto"):
+def precision_and_layout(device, amp="auto", channels_last="auto"):
     """(autocast dtype or None, channels_last bool, reason) for this device, chosen by capability.
 
     CUDA: bf16 where the GPU supports it, else fp16; channels_last on.

@@ -238,7 +238,7 @@ def test_compiled_falls_back_to_eager_when_compiling_fails():
         raise RuntimeError("no C++ compiler here")
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
     x = torch.rand(1, 3, 8, 8)
-    assert torch.equal(model_lib.compiled(net, backend=broken_backend)(x), net(x))
+    assert torch.equal(model_lib.compile_or_eager(net, backend=broken_backend)(x), net(x))
 
 
 def test_drop_path_is_stochastic_in_training_and_identity_at_inference():
