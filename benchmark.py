@@ -8,11 +8,12 @@
 
 train: images/s of main.py's step (cached uint8 tensors indexed per batch by dataset.batches_of, main.train_step,
        autocast and memory format from utils.precision_and_layout, main.py's default augmentation) and of the
-       template-style step (a DataLoader with --template_workers workers over a Dataset that opens every JPEG with PIL and
-       np.loads every depth map, torchvision ToTensor, fp32, default memory format), with the same model, batch,
+       template-style step (a DataLoader with --template_workers workers over a Dataset that opens every JPEG with
+       PIL and np.loads every depth map, torchvision ToTensor, fp32, default memory format), with the same model, batch,
        optimizer (main.make_optimizer: AdamW), scheduler and loss.
 eval:  images/s of evaluate.py's prediction path (model.predict_depth under inference_mode, the choices of
-       utils.precision_and_layout, cached batches) against the template-style loop (file-decoding DataLoader, fp32, no_grad).
+       utils.precision_and_layout, cached batches) against the template-style loop (file-decoding DataLoader, fp32,
+       no_grad).
 Each path: --warmup untimed steps, then --repeats timed runs of --steps steps, the paths' runs taken in turn;
        median and min-max are printed.
 utilisation: FLOPs per image (torch.utils.flop_counter on one step), achieved FLOP/s and MFU, i.e. that as a
