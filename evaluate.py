@@ -581,7 +581,7 @@ def run(args):
         for k in METRIC_NAMES:
             print(f"{k:<10}{metrics[k]:>10.4f}")
         value = f"{flicker['flicker']:>10.4f}" if math.isfinite(flicker["flicker"]) else f"{'n/a':>10}"
-        print(f"{'flicker':<10}{value}  (m, over {flicker['flicker_pairs']} neighbouring frame pairs; README)")
+        print(f"{'flicker':<10}{value}  (m, over {flicker['flicker_pairs']} neighbouring frame pairs; docs/flicker.md)")
         extras = summarize_extras(extras, args.align)
         print_extras(extras)
     else:  # no depth maps: the metrics are null in --out, the predictions are counted
