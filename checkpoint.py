@@ -2,7 +2,7 @@
 torch.load(weights_only=True).
 
 A checkpoint holds 'model' (the name and options `build_model` takes), 'state_dict' (the weights evaluation uses)
-and, written by main.py, the run's record and all a --resume needs (RESUME_KEYS; main.training_state). Written by
+and, written by main.py, the run's record and all a --resume needs (RESUME_KEYS; runstate.training_state). Written by
 `save_checkpoint`; read by `read_checkpoint`, the one check of "is this a checkpoint we can use" for main.py
 (--resume, --branch, --init, --export) and evaluate.py, with one message per kind of wrong file; the model it
 describes is rebuilt by `model_from_checkpoint`. The file itself is read by safe_load.py.

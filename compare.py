@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 import evaluate
-from evaluate import MARKER, check_outputs, evaluate_batches, frame_batches, load_model, open_data
+from evaluate import (check_outputs, claim_save_dir, evaluate_batches, frame_batches, load_model, mark_complete,
+                      open_data)
 from model import predict_depth
 from utils import (DEPTH_CMAP, MAX_DEPTH, SIGNED_ERROR_CMAP, SIGNED_ERROR_M, UserError, atomic_write, flag_range,
                    pick_device, positive_int, precision_and_layout, summarize, with_cli_conventions)
@@ -179,9 +180,9 @@ def run(args):
         atomic_write(args.out, lambda f: f.write(json.dumps(result, indent=2).encode()))
         print(f"wrote {args.out}")
     if args.save_dir:
-        os.makedirs(args.save_dir, exist_ok=True)
-        atomic_write(os.path.join(args.save_dir, MARKER), lambda f: f.write(b"evaluate.py output\n"))
+        claim_save_dir(args.save_dir)
         write_outputs(args, ds, rows_a, rows_b, [(m[0], m[2] == "flip") for m in models], device, amp_dtype)
+        mark_complete(args.save_dir)
         print(f"wrote per_frame.csv and figures of the frames that differ most to {args.save_dir}")
     return 0
 

@@ -47,12 +47,13 @@ from tqdm import tqdm
 from checkpoint import checkpoint_train_hw, model_from_checkpoint, nonfinite_tensors, read_checkpoint
 from dataset import DepthDataset, load_rgb_uint8
 from model import HEADS, compile_or_eager, fit_input, predict_depth
-from utils import (ALIGNMENTS, MAX_DEPTH, METRIC_NAMES, TEMP_NAME, UserError, add_sums, align_depth, atomic_write,
-                   boundary_f1, depth_bin_sums, depth_colors, depth_range_mask, error_colors, flag_range, lock_folder,
-                   metric_sums, pick_device, positive_int, precision_and_layout, refuse_link, remove_stale_temps,
-                   sparsification, summarize, summarize_bins, unlock, visualize_img, with_cli_conventions)
+from outputs import claim_folder, entries_in_the_way, folder_is_busy, refuse_unless_ours
+from utils import (ALIGNMENTS, MAX_DEPTH, METRIC_NAMES, UserError, add_sums, align_depth, atomic_write, boundary_f1,
+                   depth_bin_sums, depth_colors, depth_range_mask, error_colors, flag_range, metric_sums, pick_device,
+                   positive_int, precision_and_layout, refuse_link, remove_stale_temps, sparsification, summarize,
+                   summarize_bins, unlock, visualize_img, with_cli_conventions)
 
-MARKER = ".written_by_evaluate_py"
+MARKER = ".written_by_evaluate_py"  # --save_dir's marker (outputs.py): 'in progress', then 'complete'
 HELD_LOCKS = []  # --save_dir locks this process holds
 BATCH_SIZE = 32
 MAX_BATCH_PIXELS = 2 ** 24  # a batch of large images is cut short (about 200 MB of float RGB); one frame always fits
@@ -61,7 +62,7 @@ STATIC_M = 0.05  # flicker: a pixel is static between two frames when its true d
 MIN_FOCAL_PX = 0.01  # --intrinsics: a smaller focal length sees almost 180 degrees and throws points to infinity
 FRAME_NUMBER = re.compile(r"^(.*?)(\d+)$")  # a frame name ending in a number: (prefix, number)
 UNCERTAINTY_PNG_M = 2.0  # <frame>_uncertainty.png: the depth colours stretched over 0-2 m of uncertainty
-GIF_COMMENT = b"written by depthkit evaluate.py"  # marks --gif files as ours (only those are ever replaced)
+GIF_COMMENT = b"written by depthkit evaluate.py"  # --gif's marker (outputs.py): only such a file is ever replaced
 GIF_FRAME_MS = 100  # --gif: 10 frames a second
 GIF_PANEL_W = 512  # --gif: panels of larger images are shrunk to this width
 
@@ -396,18 +397,20 @@ def check_gif(path, names):
     that are not numbered (a GIF of a sequence needs its order)."""
     if not path.lower().endswith(".gif"):
         raise UserError(f"--gif {path}: the name must end in .gif")
-    if os.path.exists(path):
-        try:
-            with Image.open(path) as img:
-                ours = img.info.get("comment") == GIF_COMMENT
-        except Exception:  # noqa: BLE001
-            ours = False
-        if not ours:
-            raise UserError(f"--gif {path}: file exists and was not written by evaluate.py; choose another path")
+    refuse_unless_ours(path, gif_is_ours, f"--gif {path}: file exists and was not written by evaluate.py; "
+                       "choose another path")
     unnumbered = [n for n in names if not FRAME_NUMBER.match(n)]
     if unnumbered:
         raise UserError(f"--gif: {len(unnumbered)} frame(s) without a frame number (e.g. '{unnumbered[0]}'); a GIF "
                         "needs numbered frames (names ending in a number)")
+
+
+def gif_is_ours(path):
+    try:
+        with Image.open(path) as img:
+            return img.info.get("comment") == GIF_COMMENT
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def gif_frame(rgb, pred, depth, size=None):
@@ -463,41 +466,44 @@ def check_outputs(args):
         raise UserError("--fov and --intrinsics both describe the camera; pass one")
     if args.min_depth >= args.max_depth:
         raise UserError(f"--min_depth {args.min_depth:g} must be below --max_depth {args.max_depth:g}")
-    if args.save_dir and os.path.isdir(args.save_dir):
-        unlock(claim_lock(args.save_dir))  # another evaluate.py writing it now: say so, whatever it holds yet
-        if any(not TEMP_NAME.match(f) for f in os.listdir(args.save_dir)) \
-                and not os.path.exists(os.path.join(args.save_dir, MARKER)):
-            raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; "
-                            "choose another")
+    if args.save_dir and folder_is_busy(args.save_dir):  # another evaluate.py writing it now: say so, whatever it holds
+        raise UserError(busy_save_dir(args.save_dir))
+    if args.save_dir and entries_in_the_way(args.save_dir, MARKER, None):
+        raise UserError(f"--save_dir {args.save_dir}: folder exists and holds files evaluate.py did not write; "
+                        "choose another")
     if args.out:
         refuse_link(args.out, "--out")
-    if args.out and os.path.exists(args.out):
-        try:
-            with open(args.out) as f:
-                ours = json.load(f).get("written_by") == "evaluate.py"
-        except (OSError, ValueError, AttributeError):
-            ours = False
-        if not ours:
-            raise UserError(f"--out {args.out}: file exists and was not written by evaluate.py; choose another path")
+        refuse_unless_ours(args.out, out_is_ours, f"--out {args.out}: file exists and was not written by evaluate.py; "
+                           "choose another path")
 
 
-def claim_lock(save_dir):
-    lock = lock_folder(save_dir)
-    if lock is None:
-        raise UserError(f"--save_dir {save_dir}: another evaluate.py is writing this folder now; wait for it, or "
-                        "choose another folder")
-    return lock
+def out_is_ours(path):
+    try:
+        with open(path) as f:
+            return json.load(f).get("written_by") == "evaluate.py"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def busy_save_dir(save_dir):
+    return (f"--save_dir {save_dir}: another evaluate.py is writing this folder now; wait for it, or choose another "
+            "folder")
 
 
 def claim_save_dir(save_dir):
-    """Lock --save_dir for this run (another evaluate.py writing it now: UserError), clear the temp files a killed run
-    left, and mark the folder ours and in progress (MARKER reads 'complete' once every file of a run is written)."""
-    os.makedirs(save_dir, exist_ok=True)
-    lock = claim_lock(save_dir)
+    """Claim --save_dir for this run by the overwrite policy (outputs.py; another evaluate.py writing it now:
+    UserError), clear the temp files a killed run left, and mark the folder ours and in progress (MARKER reads
+    'complete' once every file of a run is written)."""
+    lock = claim_folder(save_dir, MARKER, b"evaluate.py output: in progress\n", None)
+    if lock is None:
+        raise UserError(busy_save_dir(save_dir))
     remove_stale_temps(save_dir)
-    atomic_write(os.path.join(save_dir, MARKER), lambda f: f.write(b"evaluate.py output: in progress\n"))
     HELD_LOCKS.append(lock)  # let go in main() when the run ends (and by the kernel when the process dies)
     return lock
+
+
+def mark_complete(save_dir):
+    atomic_write(os.path.join(save_dir, MARKER), lambda f: f.write(b"evaluate.py output: complete\n"))
 
 
 def run(args):
@@ -605,7 +611,7 @@ def run(args):
         write_per_image(args.save_dir, ds, per_image, net, device, amp_dtype, args)
         print(f"wrote predictions, per_image.csv and best/worst figures to {args.save_dir}")
     if args.save_dir:  # the last file written: a folder reads 'complete' only once all of a run's files are there
-        atomic_write(os.path.join(args.save_dir, MARKER), lambda f: f.write(b"evaluate.py output: complete\n"))
+        mark_complete(args.save_dir)
     if not ds.has_depth:
         return 0
     if not finite:  # never a NaN metric with exit status 0; the NaN-weights warning above already said why

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from checkpoint import checkpoint_train_hw, model_from_checkpoint, read_checkpoint, save_checkpoint
 from model import LARGE_INPUT, predict_depth
+from outputs import refuse_unless_ours
 from utils import MAX_DEPTH, UserError, atomic_write, first_line
 
 GRAPH_FORMATS = {".pt": "TorchScript", ".onnx": "ONNX"}
@@ -31,8 +32,8 @@ PARITY_TOL_M = 1e-3  # largest |graph - predict_depth| (metres) an export accept
 
 
 def refuse_existing(dst):
-    if os.path.lexists(dst):  # a dangling link too
-        raise UserError(f"{dst}: exists; export writes a new file only (move the old one away first)")
+    """Export marks no file as its own (outputs.py), so it replaces none: anything at dst, a dangling link too."""
+    refuse_unless_ours(dst, None, f"{dst}: exists; export writes a new file only (move the old one away first)")
 
 
 def export_checkpoint(src, dst, half=False, tta=None):

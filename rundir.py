@@ -1,7 +1,8 @@
 """A run's folder: claiming it (a new run never writes into another run's folder, two runs never share one), the CSV
 files written into it, pruning old epoch checkpoints, and the line saying what a stopped run kept.
 
-main.py writes RUN_MARKER first into a folder it claims; only a folder holding it is ever continued or pruned.
+main.py writes RUN_MARKER first into a folder it claims; only a folder holding it is ever continued or pruned (the
+overwrite policy of every output: outputs.py).
 """
 import csv
 import io
@@ -9,30 +10,23 @@ import itertools
 import os
 import re
 
-from utils import TEMP_NAME, UserError, atomic_write, lock_folder, unlock
+from outputs import claim_folder, entries_in_the_way
+from utils import UserError, atomic_write, lock_folder
 
 RUN_MARKER = ".main_py_run"  # written first into a new run folder; only a folder with it is ever continued
 STEP_LOG = "loss_steps.csv"  # step, epoch, loss, lr of every training step
 EPOCH_FILE = re.compile(r"^epoch\d{3,}\.pth$")  # the epoch snapshots main.py writes (and prunes: no other file)
-
-
-def folder_is_taken(folder):
-    """Whether a folder is taken: it holds anything but what a run of ours killed before its first checkpoint
-    leaves behind (our RUN_MARKER, metrics, figures, temp files); the same command started again continues in such
-    a folder. Without the marker, any file (a user's own metrics.csv) makes it taken."""
-    entries = os.listdir(folder) if os.path.isdir(folder) else []
-    if RUN_MARKER not in entries:
-        return bool(entries)
-    return any(f not in (RUN_MARKER, "metrics.csv", STEP_LOG, "curves.png", "figures") and not TEMP_NAME.match(f)
-               for f in entries)
+KILLED_RUN_FILES = ("metrics.csv", STEP_LOG, "curves.png", "figures")  # what a run killed before its first checkpoint
+# leaves beside RUN_MARKER: the same command started again continues in such a folder (outputs.entries_in_the_way)
 
 
 def claim_run_dir(args):
-    """(run folder, the lock that claims it) for rank 0. A resumed run continues in its checkpoint's folder, locked
-    (refused while another main.py runs there); one whose checkpoint sits in a folder main.py did not make (no
-    RUN_MARKER) continues in a new run folder, so nothing beside the checkpoint is written or pruned. A new run takes
-    --ckpt_dir/--ckpt_name (default the model name; -2, -3 ... when taken): a folder counts as taken when it holds a
-    run (`folder_is_taken`) or another main.py holds its lock, so two runs started at once never share one."""
+    """(run folder, the lock that claims it) for rank 0, by the overwrite policy (outputs.py). A resumed run continues
+    in its checkpoint's folder, locked (refused while another main.py runs there); one whose checkpoint sits in a
+    folder main.py did not make (no RUN_MARKER) continues in a new run folder, so nothing beside the checkpoint is
+    written or pruned. A new run takes --ckpt_dir/--ckpt_name (default the model name; -2, -3 ... when taken): a folder
+    counts as taken when it holds a run (anything but KILLED_RUN_FILES) or another main.py holds its lock, so two runs
+    started at once never share one."""
     if args.resume:
         folder = os.path.dirname(os.path.abspath(args.resume))
         if os.path.exists(os.path.join(folder, RUN_MARKER)):
@@ -45,17 +39,13 @@ def claim_run_dir(args):
     explicit = bool(args.ckpt_name) and not args.resume
     for k in itertools.count(1):
         run_dir = base if k == 1 else f"{base}-{k}"
-        taken = folder_is_taken(run_dir)
-        if not taken:
-            os.makedirs(run_dir, exist_ok=True)
-            lock = lock_folder(run_dir)
-            if lock is not None and not folder_is_taken(run_dir):  # checked again under the lock: claimed
-                atomic_write(os.path.join(run_dir, RUN_MARKER), lambda f: f.write(b"a main.py run folder\n"))
-                if args.resume:
-                    print(f"--resume {args.resume}: its folder was not made by main.py, so nothing is written there; "
-                          f"the run continues in {run_dir}")
-                return run_dir, lock
-            unlock(lock)
+        taken = bool(entries_in_the_way(run_dir, RUN_MARKER, KILLED_RUN_FILES))
+        lock = None if taken else claim_folder(run_dir, RUN_MARKER, b"a main.py run folder\n", KILLED_RUN_FILES)
+        if lock is not None:
+            if args.resume:
+                print(f"--resume {args.resume}: its folder was not made by main.py, so nothing is written there; "
+                      f"the run continues in {run_dir}")
+            return run_dir, lock
         if explicit:
             raise UserError(f"{run_dir} already holds a run; continue it with --resume {run_dir}/last.pth or choose "
                             f"another --ckpt_name" if taken else
