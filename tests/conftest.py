@@ -1,5 +1,12 @@
+import contextlib
+import csv
+import hashlib
+import json
 import os
+import shutil
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -38,15 +45,24 @@ def small_scenes(tmp_path_factory, name, n_train, seed):
     return root
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """Torch on one CPU thread for a module (as subprocesses with OMP_NUM_THREADS=1), so that runs in the test process
-    and in child processes give the same numbers to the last bit."""
+@contextlib.contextmanager
+def torch_on_one_thread():
+    """Torch on one CPU thread (as subprocesses with OMP_NUM_THREADS=1), so that runs in the test process and in child
+    processes give the same numbers to the last bit."""
     import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one CPU thread for a module (`torch_on_one_thread`)."""
+    with torch_on_one_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -55,6 +71,16 @@ def synthetic_root(tmp_path_factory):
     import synthetic
     root = tmp_path_factory.mktemp("synthetic")
     synthetic.make_dataset(str(root), n_train=24, n_val=8, n_test=6, seed=0, progress=False)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def small_synthetic_root(tmp_path_factory):
+    """synthetic_root's frames (24 train, 8 val, 6 test, numbered alike) at 48x64 instead of 144x256: for tests of
+    training mechanics (resume, branches, folds, processes), where the frame size does not matter and time does."""
+    import synthetic
+    root = tmp_path_factory.mktemp("small_synthetic")
+    synthetic.make_dataset(str(root), n_train=24, n_val=8, n_test=6, seed=0, height=48, width=64, progress=False)
     return str(root)
 
 
@@ -98,3 +124,151 @@ def constant_depth_ckpt(tmp_path_factory):
 
 
 CONSTANT_DEPTH_M = 7.0
+
+
+# ------------------------------------------------------------------------------------------------
+# the fault suites (test_resume, test_outputs, test_hostile_checkpoints, test_hostile_data, test_numerics,
+# test_bad_options): tiny scenes at 48x64, a small model on one CPU thread, and the runs they share, made once a session
+
+MAIN = os.path.join(ROOT, "main.py")
+EPOCHS = 6  # evaluation (metrics.csv row, best.pth) every 2 epochs: at 2, 4 and 6
+RUN = ["--model", "unet_res", "--encoder", "mobilenetv3_small_050", "--no-pretrained", "--batch_size", "4",
+       "--train_eval_frames", "4", "--visualize_every", "0", "--amp", "none", "--device", "cpu", "--seed", "5",
+       "--evaluate_every", "2", "--max_epochs", str(EPOCHS)]  # 16 frames / batch 4: 4 steps per epoch
+SMALL = ["--model", "unet_res", "--encoder", "mobilenetv3_small_050", "--no-pretrained", "--batch_size", "4",
+         "--train_eval_frames", "4", "--visualize_every", "0", "--amp", "none", "--device", "cpu", "--seed", "3",
+         "--evaluate_every", "1", "--max_epochs", "2", "--keep", "1"]
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+QUIET = pytest.mark.filterwarnings("error")  # a warning would be more lines on a user's stderr: fail instead
+TIMING = ("images_per_s", "train_minutes")  # metrics.csv columns that measure the clock, not the run
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory):
+    """Synthetic scenes at 48x64: 16 train, 4 val, 4 test frames."""
+    return small_scenes(tmp_path_factory, "small", 16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def reference(small_root, tmp_path_factory):
+    """An uninterrupted run of RUN (in this process): its folder, and seconds per epoch."""
+    import main as main_mod
+    from safe_load import safe_load
+    out = tmp_path_factory.mktemp("reference")
+    t0 = time.monotonic()
+    with torch_on_one_thread():
+        assert main_mod.main(["--data_dir", small_root, "--ckpt_dir", str(out), "--ckpt_name", "ref"] + RUN) == 0
+    run_dir = str(out / "ref")
+    assert safe_load(os.path.join(run_dir, "best.pth"))["epoch"] == EPOCHS  # the scenarios below rely on it
+    return {"dir": run_dir, "epoch_s": (time.monotonic() - t0) / EPOCHS}
+
+
+@pytest.fixture(scope="session")
+def root(tmp_path_factory):
+    """Synthetic scenes at 48x64: train 0-7, val 8-11, test 12-15."""
+    return small_scenes(tmp_path_factory, "h3data", 8, seed=2)
+
+
+@pytest.fixture(scope="session")
+def ckpt(tmp_path_factory):
+    """An untrained small model's checkpoint (its predictions vary with the pixels, which is what these tests need)."""
+    import torch
+    import model as model_lib
+    from checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    net = model_lib.build_model("unet_res", encoder="mobilenetv3_small_050")
+    path = str(tmp_path_factory.mktemp("h3ckpt") / "small.pth")
+    save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None,
+                                     "train_hw": [48, 64]})
+    return path
+
+
+@pytest.fixture(scope="session")
+def cut_run(root, tmp_path_factory):
+    """A main.py run stopped after epoch 1 of 2: its folder (last.pth at epoch 1)."""
+    import main as main_mod
+    out = tmp_path_factory.mktemp("h3runs")
+    with torch_on_one_thread():
+        assert main_mod.main(["--data_dir", root, "--ckpt_dir", str(out), "--ckpt_name", "cut", "--stop_after_epochs",
+                              "1"] + SMALL) == 0
+    return str(out / "cut")
+
+
+@pytest.fixture(scope="session")
+def ckpt_path(tmp_path_factory):
+    """A checkpoint of unet_res/resnet18 with random weights but depth in a sensible range (evaluate.py's tests)."""
+    import torch
+    import model as model_lib
+    from checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    net = model_lib.build_model("unet_res", encoder="resnet18")
+    with torch.no_grad():
+        net.decoder.out.bias.fill_(8.0)  # random weights, but depth in a sensible range
+    path = str(tmp_path_factory.mktemp("ckpt") / "best.pth")
+    save_checkpoint(path, {"model": dict(net.config), "state_dict": net.state_dict(), "input_size": None})
+    return path
+
+
+def train_args(small_root, ckpt_dir, name, *extra):
+    return ["--data_dir", small_root, "--ckpt_dir", str(ckpt_dir), "--ckpt_name", name] + RUN + list(extra)
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def sha(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def temps(folder):
+    """The temp files killed atomic_write calls left in a folder (and its subfolders)."""
+    from utils import TEMP_NAME
+    return [os.path.join(p, f) for p, _, files in os.walk(folder) for f in files if TEMP_NAME.match(f)]
+
+
+def assert_same_run(run_dir, ref_dir):
+    """metrics.csv rows and the final and best weights of two runs agree to 1e-6."""
+    from safe_load import safe_load
+    rows, ref_rows = read_csv(os.path.join(run_dir, "metrics.csv")), read_csv(os.path.join(ref_dir, "metrics.csv"))
+    assert len(rows) == len(ref_rows) == EPOCHS
+    for row, ref in zip(rows, ref_rows):
+        assert row.keys() == ref.keys()
+        for key in ref:
+            if key not in TIMING and ref[key] != "":
+                assert float(row[key]) == pytest.approx(float(ref[key]), abs=1e-6), (row["epoch"], key)
+    for name in ("last.pth", "best.pth"):
+        a, b = safe_load(os.path.join(run_dir, name)), safe_load(os.path.join(ref_dir, name))
+        assert (a["epoch"], a["step"], a["best"]) == (b["epoch"], b["step"], b["best"]), name
+        assert max((a["state_dict"][k].float() - b["state_dict"][k].float()).abs().max().item()
+                   for k in b["state_dict"]) <= 1e-6
+    assert temps(run_dir) == []
+
+
+def one_line(stderr, *fragments):
+    """The single line a command printed on stderr (tqdm bars aside); it holds every fragment."""
+    lines = message_lines(stderr)
+    assert len(lines) == 1, lines
+    assert all(f in lines[0] for f in fragments), (fragments, lines[0])
+    return lines[0]
+
+
+def split_copy(root, dest, split="test"):
+    """A split folder (rgb/ + depth/) copied from the dataset root."""
+    for sub in ("rgb", "depth"):
+        shutil.copytree(os.path.join(root, sub, split), os.path.join(dest, sub))
+    return str(dest)
+
+
+def evaluate_out(args, out):
+    import evaluate
+    assert evaluate.main(args + ["--out", str(out), "--amp", "none", "--device", "cpu"]) == 0
+    with open(out) as f:
+        return json.load(f)
+
+
+def run_eval(args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py")] + args, capture_output=True, text=True,
+                          timeout=300)

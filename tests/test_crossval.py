@@ -51,8 +51,8 @@ def test_dataset_of_several_splits_and_its_subsets(synthetic_root):
     assert (rgb == val[6][0]).all() and (depth == val[6][1]).all()
 
 
-def test_cross_validation_end_to_end(synthetic_root, tmp_path, capsys):
-    argv = ["--data_dir", synthetic_root, "--folds", "2", "--guard", "2", "--max_epochs", "1",
+def test_cross_validation_end_to_end(small_synthetic_root, tmp_path, capsys):
+    argv = ["--data_dir", small_synthetic_root, "--folds", "2", "--guard", "2", "--max_epochs", "1",
             "--ckpt_dir", str(tmp_path), "--ckpt_name", "cv"] + FAST
     assert main_mod.main(argv) == 0
     cv_dir = tmp_path / "cv"
@@ -70,8 +70,8 @@ def test_cross_validation_end_to_end(synthetic_root, tmp_path, capsys):
         os.makedirs(held / sub)
     for i in range(16):
         split = "train" if i < 24 else "val"
-        os.symlink(os.path.join(synthetic_root, "rgb", split, f"{i}.jpeg"), held / "rgb" / f"{i}.jpeg")
-        os.symlink(os.path.join(synthetic_root, "depth", split, f"{i}.npy"), held / "depth" / f"{i}.npy")
+        os.symlink(os.path.join(small_synthetic_root, "rgb", split, f"{i}.jpeg"), held / "rgb" / f"{i}.jpeg")
+        os.symlink(os.path.join(small_synthetic_root, "depth", split, f"{i}.npy"), held / "depth" / f"{i}.npy")
     out = tmp_path / "m.json"
     assert evaluate.main(["--data", str(held), "--ckpt", str(cv_dir / "fold1" / "last.pth"), "--amp", "none",
                           "--device", "cpu", "--out", str(out)]) == 0
@@ -86,8 +86,8 @@ def test_cross_validation_end_to_end(synthetic_root, tmp_path, capsys):
     assert os.path.getmtime(cv_dir / "fold1" / "last.pth") == stamp and "training in" not in capsys.readouterr().out
 
 
-def test_cross_validation_continues_a_cut_fold(synthetic_root, tmp_path):
-    argv = ["--data_dir", synthetic_root, "--folds", "2", "--guard", "2", "--max_epochs", "2",
+def test_cross_validation_continues_a_cut_fold(small_synthetic_root, tmp_path):
+    argv = ["--data_dir", small_synthetic_root, "--folds", "2", "--guard", "2", "--max_epochs", "2",
             "--ckpt_dir", str(tmp_path), "--ckpt_name", "cv"] + FAST
     assert main_mod.main(argv + ["--fold", "1", "--ckpt_dir", str(tmp_path / "cv"), "--ckpt_name", "fold1",
                                  "--stop_after_epochs", "1"]) == 0
@@ -105,9 +105,9 @@ def test_bad_fold_flags_are_one_line(synthetic_root, tmp_path, capsys, extra, me
     assert message in err and "\n" not in err
 
 
-def test_train_splits_train_on_train_and_val(synthetic_root, tmp_path, capsys):
+def test_train_splits_train_on_train_and_val(small_synthetic_root, tmp_path, capsys):
     """Shipping a recipe chosen by cross-validation: train on every frame (train+val), said plainly in the log."""
-    assert main_mod.main(["--data_dir", synthetic_root, "--train_splits", "train+val", "--max_epochs", "1",
+    assert main_mod.main(["--data_dir", small_synthetic_root, "--train_splits", "train+val", "--max_epochs", "1",
                           "--ckpt_dir", str(tmp_path), "--ckpt_name", "all"] + FAST) == 0
     out = capsys.readouterr().out
     assert "data " in out and "32 train / 8 val frames (val is trained on" in out

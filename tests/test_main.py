@@ -20,6 +20,9 @@ FAST = ["--model", "unet_res", "--encoder", "resnet18", "--no-pretrained", "--ba
         "--train_eval_frames", "8", "--visualize_every", "0", "--seed", "3", "--device", "cpu", "--amp", "none"]
 
 
+TWO_EPOCHS = ["--max_epochs", "2", "--evaluate_every", "1"] + FAST
+
+
 def run_main(args, cwd=None, env=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py")] + args, cwd=cwd or ROOT, capture_output=True,
                           text=True, timeout=600, env=env)
@@ -31,10 +34,11 @@ def read_csv(path):
 
 
 @pytest.fixture(scope="module")
-def two_epoch_run(synthetic_root, tmp_path_factory):
+def two_epoch_run(small_synthetic_root, tmp_path_factory):
+    """An uninterrupted run of two epochs, evaluated after each (test_resume_equals_uninterrupted cuts it)."""
     out = tmp_path_factory.mktemp("runs")
-    assert main_mod.main(["--data_dir", synthetic_root, "--ckpt_dir", str(out), "--ckpt_name", "r",
-                          "--max_epochs", "2"] + FAST) == 0
+    assert main_mod.main(["--data_dir", small_synthetic_root, "--ckpt_dir", str(out), "--ckpt_name", "r"]
+                         + TWO_EPOCHS) == 0
     return os.path.join(out, "r")
 
 
@@ -64,20 +68,21 @@ def test_the_loss_per_step_averages_to_the_epochs_train_loss(two_epoch_run):
     assert [r[2] for r in ckpt["step_log"]] == [float(r["loss"]) for r in steps]  # the checkpoint keeps it all
 
 
-def test_init_fine_tunes_from_the_checkpoints_weights(two_epoch_run, synthetic_root, tmp_path, capsys):
+def test_init_fine_tunes_from_the_checkpoints_weights(two_epoch_run, small_synthetic_root, tmp_path, capsys):
     """--init: a new run folder, fresh optimizer and schedule, and its first step's loss is the checkpoint's model's
     loss on the first batch (computed here independently); another model named by a flag is one line."""
     import dataset
     import losses
     init = os.path.join(two_epoch_run, "last.pth")
     flags = FAST[FAST.index("--no-pretrained"):] + ["--augment", "none", "--channels_last", "off"]
-    argv = ["--init", init, "--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--max_epochs", "1"] + flags
+    argv = ["--init", init, "--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path), "--max_epochs",
+            "1"] + flags
     assert main_mod.main(argv) == 0
     run_dir = tmp_path / "unet_res"  # the model's name, from the checkpoint
     first = read_csv(run_dir / "loss_steps.csv")[0]
     ckpt = safe_load(init)
     net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], init).train()
-    train = dataset.DepthDataset(synthetic_root, split="train")
+    train = dataset.DepthDataset(small_synthetic_root, split="train")
     idx = dataset.epoch_order(len(train), 3, 0, 0, 1)[:4]  # --seed 3, epoch 0, one process; batch 4
     rgb, depth_m = torch.stack([train[i][0] for i in idx]), torch.stack([train[i][1] for i in idx])
     loss_fn = losses.build_loss(ckpt["args"]["loss"], clip_aware_terms=True)
@@ -94,7 +99,7 @@ def test_init_fine_tunes_from_the_checkpoints_weights(two_epoch_run, synthetic_r
     assert "\n" not in err and "--model effnet_unet (it holds unet_res)" in err
 
 
-def test_checkpoint_reloads_weights_only_into_the_right_model(two_epoch_run, synthetic_root):
+def test_checkpoint_reloads_weights_only_into_the_right_model(two_epoch_run, small_synthetic_root):
     ckpt = torch.load(os.path.join(two_epoch_run, "best.pth"), map_location="cpu", weights_only=True)
     assert ckpt["format"] == "depthkit-checkpoint-v1" and ckpt["model"]["name"] == "unet_res"
     assert ckpt["model"]["encoder"] == "resnet18" and ckpt["best"]["epoch"] in (1, 2)
@@ -104,7 +109,7 @@ def test_checkpoint_reloads_weights_only_into_the_right_model(two_epoch_run, syn
     from dataset import DepthDataset
     from evaluate import evaluate_batches
     from utils import summarize
-    val = DepthDataset(synthetic_root, split="val")
+    val = DepthDataset(small_synthetic_root, split="val")
     batches = [(torch.stack([val[i][0] for i in range(len(val))]), torch.stack([val[i][1] for i in range(len(val))]))]
     net.to(memory_format=torch.channels_last)  # as main.py evaluates on a CPU (channels_last auto)
     m = summarize(evaluate_batches(net, batches, "cpu", channels_last=True))
@@ -119,25 +124,26 @@ def test_checkpoint_reloads_weights_only_into_the_right_model(two_epoch_run, syn
     assert raw["rmse"] == pytest.approx(float(best_row["val_raw_rmse"]), abs=1e-6)
 
 
-def test_resume_equals_uninterrupted(synthetic_root, tmp_path):
-    common = ["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--max_epochs", "3", "--evaluate_every",
-              "1"] + FAST
-    assert main_mod.main(common + ["--ckpt_name", "full"]) == 0
-    assert main_mod.main(common + ["--ckpt_name", "cut", "--stop_after_epochs", "1"]) == 0
+def test_resume_equals_uninterrupted(two_epoch_run, small_synthetic_root, tmp_path):
+    """The same run stopped after epoch 1 and resumed: every epoch's metrics, every step's loss and the weights (the
+    average and the raw ones) are those of the uninterrupted two_epoch_run."""
+    assert main_mod.main(["--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path), "--ckpt_name", "cut",
+                          "--stop_after_epochs", "1"] + TWO_EPOCHS) == 0
     assert main_mod.main(["--resume", str(tmp_path / "cut" / "last.pth")]) == 0
-    full, cut = read_csv(tmp_path / "full" / "metrics.csv"), read_csv(tmp_path / "cut" / "metrics.csv")
-    assert len(full) == len(cut) == 3
+    full_dir, cut_dir = two_epoch_run, str(tmp_path / "cut")
+    full, cut = read_csv(os.path.join(full_dir, "metrics.csv")), read_csv(os.path.join(cut_dir, "metrics.csv"))
+    assert len(full) == len(cut) == 2
     for a, b in zip(full, cut):
         for key in ("train_loss", "val_rmse", "val_ssim", "train_rmse", "lr"):
             assert float(a[key]) == pytest.approx(float(b[key]), abs=1e-6), key
-    steps_full, steps_cut = [read_csv(tmp_path / name / "loss_steps.csv") for name in ("full", "cut")]
-    assert [r["step"] for r in steps_full] == [r["step"] for r in steps_cut] == [str(i) for i in range(1, 19)]
+    steps_full, steps_cut = [read_csv(os.path.join(d, "loss_steps.csv")) for d in (full_dir, cut_dir)]
+    assert [r["step"] for r in steps_full] == [r["step"] for r in steps_cut] == [str(i) for i in range(1, 13)]
     assert all(float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-6) for a, b in zip(steps_full, steps_cut))
-    wa = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["state_dict"]
-    wb = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["state_dict"]
+    wa = torch.load(os.path.join(full_dir, "last.pth"), weights_only=True)["state_dict"]
+    wb = torch.load(os.path.join(cut_dir, "last.pth"), weights_only=True)["state_dict"]
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
-    ra = torch.load(tmp_path / "full" / "last.pth", weights_only=True)["train_state_dict"]
-    rb = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["train_state_dict"]
+    ra = torch.load(os.path.join(full_dir, "last.pth"), weights_only=True)["train_state_dict"]
+    rb = torch.load(os.path.join(cut_dir, "last.pth"), weights_only=True)["train_state_dict"]
     assert all(torch.allclose(ra[k].float(), rb[k].float(), atol=1e-6) for k in ra)
 
 
@@ -200,9 +206,9 @@ def test_clock_one_cycle_is_torchs_onecycle():
     assert schedules.one_cycle_factor(0.3) == 1.0 and schedules.one_cycle_factor(2.0) == pytest.approx(1 / 25 / 1e4)
 
 
-def test_time_budget_stops_on_time_and_anneals(synthetic_root, tmp_path):
+def test_time_budget_stops_on_time_and_anneals(small_synthetic_root, tmp_path):
     budget_min = 1e-4  # 6 ms: used up by the first step, whatever this machine's speed
-    assert main_mod.main(["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--ckpt_name", "t",
+    assert main_mod.main(["--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path), "--ckpt_name", "t",
                           "--time_budget", str(budget_min)] + FAST) == 0
     rows = read_csv(tmp_path / "t" / "metrics.csv")
     assert len(rows) == 1 and rows[0]["step"] == "1" and float(rows[0]["train_minutes"]) >= budget_min
@@ -244,11 +250,11 @@ def test_bad_loss_spec_is_one_line(synthetic_root):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "sharp" in r.stderr
 
 
-def test_torchrun_two_gloo_processes(synthetic_root, tmp_path):
+def test_torchrun_two_gloo_processes(small_synthetic_root, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", "29533",
-                        os.path.join(ROOT, "main.py"), "--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path),
+                        os.path.join(ROOT, "main.py"), "--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path),
                         "--ckpt_name", "ddp", "--max_epochs", "1"] + FAST, capture_output=True, text=True, timeout=600,
                        env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -260,7 +266,7 @@ def test_torchrun_two_gloo_processes(synthetic_root, tmp_path):
     # a time budget under torchrun: both processes stop at the same step (else the collectives would hang)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", "29534",
-                        os.path.join(ROOT, "main.py"), "--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path),
+                        os.path.join(ROOT, "main.py"), "--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path),
                         "--ckpt_name", "ddp_budget", "--time_budget", "0.01"] + FAST, capture_output=True, text=True,
                        timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -269,7 +275,7 @@ def test_torchrun_two_gloo_processes(synthetic_root, tmp_path):
     assert "time budget of 0.01 minutes" in r.stdout
 
 
-def test_export_ships_the_weights_and_the_tta_it_names(two_epoch_run, synthetic_root, tmp_path):
+def test_export_ships_the_weights_and_the_tta_it_names(two_epoch_run, small_synthetic_root, tmp_path):
     import json
     import evaluate
     best, out, out_flip = os.path.join(two_epoch_run, "best.pth"), tmp_path / "ship.pth", tmp_path / "ship_flip.pth"
@@ -287,7 +293,7 @@ def test_export_ships_the_weights_and_the_tta_it_names(two_epoch_run, synthetic_
 
     def metrics(ckpt, *extra):
         path = tmp_path / f"m{len(os.listdir(tmp_path))}.json"
-        assert evaluate.main(["--data", synthetic_root, "--ckpt", str(ckpt), "--amp", "none", "--out",
+        assert evaluate.main(["--data", small_synthetic_root, "--ckpt", str(ckpt), "--amp", "none", "--out",
                               str(path)] + list(extra)) == 0
         return json.load(open(path))
     full, half = metrics(best), metrics(out)
@@ -312,10 +318,10 @@ LIGHT = ["--model", "effnet_unet", "--no-pretrained", "--batch_size", "4", "--tr
          "--visualize_every", "0", "--seed", "3", "--device", "cpu", "--amp", "none"]  # the smallest model
 
 
-def test_wsd_branch_is_the_dedicated_run_bit_for_bit(synthetic_root, tmp_path, capsys):
+def test_wsd_branch_is_the_dedicated_run_bit_for_bit(small_synthetic_root, tmp_path, capsys):
     """A 2-epoch branch (1 epoch of decay) from epoch 1 of a constant run trains exactly the run that the same length
     trains from scratch: every weight and every metric equal, the source run untouched."""
-    common = ["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep", "9",
+    common = ["--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep", "9",
               "--evaluate_every", "1"] + LIGHT
     assert main_mod.main(common + ["--ckpt_name", "const", "--max_epochs", "2", "--decay_epochs", "0"]) == 0
     assert main_mod.main(common + ["--ckpt_name", "dedicated", "--max_epochs", "2", "--decay_epochs", "1"]) == 0
@@ -334,8 +340,9 @@ def test_wsd_branch_is_the_dedicated_run_bit_for_bit(synthetic_root, tmp_path, c
     assert not all(torch.equal(const["state_dict"][k], branch["state_dict"][k]) for k in branch["state_dict"])
 
 
-def test_branch_refusals_are_one_line(synthetic_root, tmp_path, capsys):
-    common = ["--data_dir", synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep", "9"] + LIGHT
+def test_branch_refusals_are_one_line(small_synthetic_root, tmp_path, capsys):
+    common = ["--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep",
+              "9"] + LIGHT
     assert main_mod.main(common + ["--ckpt_name", "decayed", "--max_epochs", "2", "--decay_epochs", "1.5",
                                    "--evaluate_every", "1"]) == 0
     capsys.readouterr()
