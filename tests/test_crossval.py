@@ -11,7 +11,7 @@ import main as main_mod
 from dataset import DepthDataset, block_folds
 from utils import UserError
 
-FAST = ["--model", "unet_res", "--encoder", "resnet18", "--no-pretrained", "--batch_size", "4",
+FAST = ["--model", "unet_res", "--encoder", "mobilenetv3_small_050", "--no-pretrained", "--batch_size", "4",
         "--train_eval_frames", "8", "--visualize_every", "0", "--seed", "3", "--device", "cpu", "--amp", "none"]
 
 
