@@ -3,12 +3,14 @@ is handed the function that trains one), the per-fold table of one recipe, and t
 
     python main.py --folds 3 ...   # every fold in turn, then CV_DIR/cv.md and cv.csv (`cross_validate`)
     python crossval.py CV_DIR      # the length curve of a wsd cross-validation folder -> CV_DIR/length.md, length.png
+    python crossval.py LEVER_DIR --versus BASE_DIR   # a lever's branches paired with the base's -> LEVER_DIR/versus.md
 
 A length curve (docs/length.md): each fold trains one constant-LR run (`--scheduler wsd --decay_epochs 0`, folder
 foldK), and each length L is a branch decayed from one of its epoch checkpoints (`--branch foldK/epochNNN.pth
 --max_epochs L --decay_epochs D`, folder foldK_eL): exactly the run of length L trained from scratch, at a fraction
 of the cost. A row is each fold's held-out RMSE / SSIM at the branch's last evaluation; nothing is selected on the
-held-out block.
+held-out block. A lever (a flag changed, e.g. from a branch of the same constant run) is judged by its paired
+difference from the base recipe of the same length on the same folds (`versus_table`).
 """
 import csv
 import json
@@ -153,6 +155,30 @@ def length_table(branches, constant):
     return "\n".join(lines) + "\n"
 
 
+def versus_table(branches, base_branches, name, base_name):
+    """Markdown: per length that both have, each fold's lever RMSE / SSIM with its difference from the base's on the
+    same fold, then the mean ± sample std of the paired differences and on how many folds the lever was better."""
+    lengths = [n for n in sorted(branches) if set(branches[n]) & set(base_branches.get(n, {}))]
+    if not lengths:
+        raise UserError(f"{name} and {base_name} have no length and fold in common (foldK_eL/result.json)")
+    folds = sorted({k for n in lengths for k in set(branches[n]) & set(base_branches[n])})
+    lines = [f"{name} versus {base_name}: held-out RMSE / SSIM (difference from {base_name}, same fold and length)",
+             "", "| length (epochs) | " + " | ".join(f"fold {k}" for k in folds)
+             + " | RMSE difference mean ± std | SSIM difference mean ± std | folds better RMSE, SSIM |",
+             "|---" * (len(folds) + 4) + "|"]
+    for n in lengths:
+        runs, base = branches[n], base_branches[n]
+        paired = [k for k in folds if k in runs and k in base]
+        d_rmse = [runs[k]["rmse"] - base[k]["rmse"] for k in paired]
+        d_ssim = [runs[k]["ssim"] - base[k]["ssim"] for k in paired]
+        cells = [f"{runs[k]['rmse']:.3f} / {runs[k]['ssim']:.3f} ({runs[k]['rmse'] - base[k]['rmse']:+.3f} / "
+                 f"{runs[k]['ssim'] - base[k]['ssim']:+.3f})" if k in paired else "—" for k in folds]
+        (mr, sr), (ms, ss) = mean_std(d_rmse), mean_std(d_ssim)
+        better = f"{sum(d < 0 for d in d_rmse)}, {sum(d > 0 for d in d_ssim)} of {len(paired)}"
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {mr:+.3f} ± {sr:.3f} | {ms:+.3f} ± {ss:.3f} | {better} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_length_curve(branches, constant, path):
     """Held-out RMSE and SSIM against length: decayed branches (mean ± std over folds) and the constant runs."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -175,14 +201,28 @@ def plot_length_curve(branches, constant, path):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1 or not os.path.isdir(argv[0]):
-        print("usage: python crossval.py CV_DIR (a folder of foldK constant runs and foldK_eL branches)",
-              file=sys.stderr)
+    usage = ("usage: python crossval.py CV_DIR (a folder of foldK constant runs and foldK_eL branches) "
+             "[--versus BASE_DIR (the same of the base recipe)]")
+    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--versus"):
+        print(usage, file=sys.stderr)
         return 2
+    for folder in argv[::2]:
+        if not os.path.isdir(folder):
+            print(f"error: {folder}: folder not found", file=sys.stderr)
+            return 2
     branches, constant = read_length_runs(argv[0])
     if not branches and not constant:
         print(f"error: {argv[0]}: no foldK/metrics.csv or foldK_eL/result.json here", file=sys.stderr)
         return 2
+    if len(argv) == 3:
+        try:
+            table = versus_table(branches, read_length_runs(argv[2])[0], argv[0], argv[2])
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        atomic_write(os.path.join(argv[0], "versus.md"), lambda f: f.write(table.encode()))
+        print(table + f"wrote {argv[0]}/versus.md")
+        return 0
     table = length_table(branches, constant)
     atomic_write(os.path.join(argv[0], "length.md"), lambda f: f.write(table.encode()))
     plot_length_curve(branches, constant, os.path.join(argv[0], "length.png"))

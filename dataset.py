@@ -491,7 +491,11 @@ class DepthDataset(Dataset):
 # ------------------------------------------------------------------------------------------------
 # training batches: what fits in RAM, each epoch's sample order, batches on the device
 
-SEED_ORDER = 100003  # the sample order of epoch e with --seed s is the permutation seeded by s * SEED_ORDER + e
+# everything random in epoch e of a run with --seed s (a resumed epoch repeats it): the sample order is the
+# permutation seeded by s * SEED_ORDER + e (epoch_order), torch's RNG (dropout, drop path) is seeded
+# s * SEED_TORCH + e and each process's augmentation generator s * SEED_AUG_PER_SEED + e * SEED_AUG_PER_EPOCH + rank
+# (prime strides: the epochs and processes of a run get seeds of their own) (seed_epoch)
+SEED_ORDER, SEED_TORCH, SEED_AUG_PER_SEED, SEED_AUG_PER_EPOCH = 100003, 1000, 7919, 101
 
 
 def fits_in_ram(n_frames, ram_fraction, hw=(144, 256)):
@@ -512,6 +516,13 @@ def epoch_order(n, seed, epoch, rank, world):
     per_rank = math.ceil(n / world)
     order = torch.cat([order, order[: per_rank * world - n]])
     return order[rank::world].tolist()
+
+
+def seed_epoch(seed, epoch, rank):
+    """Seeds torch's RNG for epoch `epoch` of a run with --seed `seed`; returns this process's augmentation
+    generator for that epoch."""
+    torch.manual_seed(seed * SEED_TORCH + epoch)
+    return torch.Generator().manual_seed(seed * SEED_AUG_PER_SEED + epoch * SEED_AUG_PER_EPOCH + rank)
 
 
 def batches_of(train_set, stacked, indices, batch_size, device, workers):

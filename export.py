@@ -1,6 +1,7 @@
 """main.py --export CKPT OUT: a shippable copy of a checkpoint, by OUT's suffix (`export_model`).
 
-    .pth   a slim checkpoint: the evaluated weights (fp16 with --export_fp16) and the run's record, no optimizer
+    .pth   a slim checkpoint: the evaluated weights (fp16 with --export_fp16) and the run's record, no optimizer;
+           with --ensemble CKPT2 ..., one model that averages the checkpoints' predictions (model.Ensemble)
     .pt    a TorchScript graph of predict_depth
     .onnx  an ONNX graph of predict_depth (needs pip install onnx onnxruntime)
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from checkpoint import checkpoint_train_hw, model_from_checkpoint, read_checkpoint, save_checkpoint
-from model import LARGE_INPUT, predict_depth
+from model import ENSEMBLE, LARGE_INPUT, predict_depth
 from outputs import refuse_unless_ours
 from utils import MAX_DEPTH, UserError, atomic_write, first_line
 
@@ -36,18 +37,41 @@ def refuse_existing(dst):
     refuse_unless_ours(dst, None, f"{dst}: exists; export writes a new file only (move the old one away first)")
 
 
-def export_checkpoint(src, dst, half=False, tta=None):
+def export_checkpoint(src, dst, half=False, tta=None, ensemble=()):
     """A shippable copy of a training checkpoint: the evaluated weights (fp16 with half=True) and the run's record
     (args, history, best), without optimizer or resume state. Never overwrites dst. tta: the test-time augmentation
-    evaluate.py applies by default to this checkpoint ("flip" or None)."""
+    evaluate.py applies by default to this checkpoint ("flip" or None). ensemble: more checkpoints whose models are
+    averaged with src's (`ensemble_checkpoint`)."""
     ckpt = read_checkpoint(src, "--export")
     refuse_existing(dst)
+    if ensemble:
+        ckpt = ensemble_checkpoint([src, *ensemble], [ckpt] + [read_checkpoint(p, "--ensemble") for p in ensemble])
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     slim = {k: ckpt[k] for k in ("model", "input_size", "train_hw", "epoch", "step", "best", "args", "history",
-                                 "versions", "train_seconds")
+                                 "versions", "train_seconds", "members_from", "members_args")
             if k in ckpt}
     save_checkpoint(dst, dict(slim, state_dict=state, exported_from=os.path.basename(src), tta=tta))
     return dst
+
+
+def ensemble_checkpoint(sources, ckpts):
+    """One checkpoint whose model (model.Ensemble) averages the checkpoints' models: their descriptions and weights
+    side by side (members.K.*), the record of the first (args, history, best: the card names the others) and each
+    member's file name and args. UserError naming the file for a member that is an ensemble, whose weights do not
+    fit its description, or whose input or training frame size differs from the first's."""
+    sizes = []
+    for path, ckpt in zip(sources, ckpts):
+        if ckpt["model"].get("name") == ENSEMBLE:
+            raise UserError(f"{path}: already an ensemble; pass its members' checkpoints instead")
+        net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], path)
+        sizes.append((net.input_size, tuple(checkpoint_train_hw(ckpt))))
+        if sizes[-1] != sizes[0]:
+            raise UserError(f"{path}: input size {sizes[-1][0]} and training frames {sizes[-1][1]} differ from "
+                            f"{sources[0]}'s ({sizes[0][0]}, {sizes[0][1]}); an ensemble's members share both")
+    model = {"name": ENSEMBLE, "members": [dict(c["model"]) for c in ckpts]}
+    state = {f"members.{i}.{k}": v for i, c in enumerate(ckpts) for k, v in c["state_dict"].items()}
+    return dict(ckpts[0], model=model, state_dict=state, members_from=[os.path.basename(p) for p in sources],
+                members_args=[c.get("args") for c in ckpts])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,12 +215,15 @@ def export_graph(src, dst, tta=None):
     return dst
 
 
-def export_model(src, dst, half=False, tta=None):
-    """--export: by dst's suffix, .pth a slim checkpoint (export_checkpoint), .pt TorchScript, .onnx ONNX
-    (export_graph). tta None: .pth names none, a graph takes the checkpoint's own."""
+def export_model(src, dst, half=False, tta=None, ensemble=()):
+    """--export: by dst's suffix, .pth a slim checkpoint (export_checkpoint; an ensemble of src and `ensemble`'s
+    checkpoints if given), .pt TorchScript, .onnx ONNX (export_graph). tta None: .pth names none, a graph takes the
+    checkpoint's own."""
     suffix = os.path.splitext(os.fspath(dst))[1].lower()
     if suffix == ".pth":
-        return export_checkpoint(src, dst, half, None if tta in (None, "none") else tta)
+        return export_checkpoint(src, dst, half, None if tta in (None, "none") else tta, ensemble)
+    if ensemble:
+        raise UserError(f"{dst}: --ensemble writes a .pth checkpoint; export that file to a graph in a second step")
     if suffix not in GRAPH_FORMATS:
         raise UserError(f"{dst}: export picks the format by the suffix: .pth (checkpoint), .pt (TorchScript) or "
                         f".onnx (ONNX), got {suffix or 'none'}")

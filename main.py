@@ -37,12 +37,12 @@ import crossval
 import dataset as ds_lib
 import synthetic
 from checkpoint import checkpoint_train_hw, model_from_checkpoint, read_checkpoint
-from dataset import batches_of, epoch_order, fits_in_ram
+from dataset import batches_of, epoch_order, fits_in_ram, seed_epoch
 from evaluate import evaluate_batches, frame_batches
 from export import export_model
 from losses import build_loss
-from model import (HEADS, build_model, compile_or_eager, depthwise_fp32_in_training, fit_input, freeze_encoder,
-                   list_models, param_groups, predict_depth, summary_text)
+from model import (ENSEMBLE, HEADS, build_model, compile_or_eager, depthwise_fp32_in_training, fit_input,
+                   freeze_encoder, list_models, param_groups, predict_depth, summary_text)
 from recipes import RECIPES, recipe_note, set_recipe_defaults
 from resume_checks import (check_branch, check_init_flags, check_resume_flags, check_resumed_data, frame_record,
                            init_model_flags)
@@ -91,17 +91,38 @@ CACHE_RAM_FRACTION = 0.4
 AMP = "auto"                   # auto: bf16 on GPUs and on CPUs with bf16 instructions (utils.precision_and_layout)
 CHANNELS_LAST = "auto"
 EVAL_BATCH_SIZE = 16           # evaluation batches hold at least this many frames (metrics do not depend on it)
-# epoch e's random state, fixed by --seed s (a resumed epoch repeats it): the sample order (dataset.epoch_order),
-# torch's RNG seeded s * SEED_TORCH + e, each process's augmentation generator s * 7919 + e * 101 + rank (prime
-# strides: the epochs and processes of a run get seeds of their own)
-SEED_TORCH, SEED_AUG_PER_SEED, SEED_AUG_PER_EPOCH = 1000, 7919, 101
 SYNTHETIC = dict(n_train=192, n_val=48, max_epochs=4)  # the no-dataset quick start
 
 
 def get_parser():
+    """The flags, in the groups --help shows them: data, model, training, run folder, machine, other commands."""
     p = with_cli_conventions(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
-    a = p.add_argument
+    for add_flags in (data_flags, model_flags, training_flags, run_flags, machine_flags, command_flags):
+        add_flags(p.add_argument_group(add_flags.__doc__).add_argument)
+    return p
+
+
+def data_flags(a):
+    """data"""
     a("--data_dir", default=None, help=f"dataset root (default {DATA_DIR}; synthetic scenes when that is missing)")
+    a("--train_splits", default=TRAIN_SPLITS, help="splits to train on, joined by '+' (e.g. train+val to ship a "
+                                                   "recipe chosen by --folds; val metrics then score training frames)")
+    a("--folds", type=non_negative_int, default=FOLDS,
+      help="block cross-validation: train+val frames in order, cut into this many contiguous blocks; runs every "
+           "fold and writes cv.csv / cv.md (0: off)")
+    a("--fold", type=positive_int, default=None,
+      help="with --folds: run only this fold (1..folds), holding out block FOLD")
+    a("--guard", type=non_negative_int, default=GUARD,
+      help="with --folds: frames dropped from training on each side of the held-out block")
+    a("--augment", default=AUGMENT, help=f"'none' or '+'-joined: {', '.join(ds_lib.AUGMENTS)} (dataset.py)")
+    a("--allow_unusual_depth", action="store_true",
+      help="train on depth maps whose median is beyond 100 (not metres: millimetres?), clipped to [0, 20] anyway")
+    a("--cache", default=CACHE, choices=["auto", "on", "off"], help="decode every frame once into RAM")
+    a("--workers", type=non_negative_int, default=WORKERS, help="DataLoader workers when the data is not cached")
+
+
+def model_flags(a):
+    """model"""
     a("--model", default=MODEL, help="model variant (--list-models)")
     a("--encoder", default=ENCODER, help="timm encoder name for the U-Net models (default: the model's own)")
     a("--pretrained", action=argparse.BooleanOptionalAction, default=PRETRAINED,
@@ -110,6 +131,17 @@ def get_parser():
     a("--drop_path", type=flag_range(float, 0, 1, below=True), default=DROP_PATH,
       help="stochastic depth rate in the encoder (U-Net models; a regulariser)")
     a("--head", default=HEAD, choices=HEADS, help="output layer (model.py); the loss is clip-aware with clip only")
+    a("--freeze", default=FREEZE, type=freeze_choice,
+      help="encoder parts kept frozen: none, stem, stageK (the encoder up to and including stage K, as --summary "
+           "lists them) or encoder")
+    a("--init", default=None, metavar="CKPT",
+      help="start a new run from a checkpoint's weights (fine-tuning): fresh optimizer, schedule and run folder; "
+           "the model flags default to the checkpoint's")
+
+
+def training_flags(a):
+    """training"""
+    a("--recipe", default=None, choices=sorted(RECIPES), help="a report's configuration")
     a("--loss", default=LOSS, help="loss spec: WEIGHT*TERM joined by '+' (losses.py)")
     a("--optimizer", default=OPTIMIZER, choices=["adam", "adamw"], help="optimizer")
     a("--lr", type=positive_float, default=LR, help="decoder learning rate (peak, for onecycle)")
@@ -123,26 +155,25 @@ def get_parser():
            f"0: no decay, a constant run whose epoch checkpoints --branch continues)")
     a("--batch_size", type=positive_int, default=BATCH_SIZE, help="training batch (per process)")
     a("--max_epochs", type=positive_int, default=None,
-      help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; "
-           f"no limit with --time_budget)")
+      help=f"default {MAX_EPOCHS} ({SYNTHETIC['max_epochs']} on synthetic scenes; no limit with --time_budget)")
     a("--time_budget", type=positive_float, default=TIME_BUDGET,
       help="stop after this many minutes of training (for equal-time comparisons); onecycle/cosine then run on "
            "the clock")
     a("--ema", type=flag_range(float, 0, 1, below=True), default=EMA,
       help="decay of the per-step weight average (0: off)")
-    a("--evaluate_every", type=positive_int, default=EVALUATE_EVERY, help="epochs between evaluations")
-    a("--visualize_every", type=non_negative_int, default=VISUALIZE_EVERY,
-      help="steps between val figures (0: at evaluations only)")
-    a("--augment", default=AUGMENT, help=f"'none' or '+'-joined: {', '.join(ds_lib.AUGMENTS)} (dataset.py)")
-    a("--freeze", default=FREEZE, type=freeze_choice,
-      help="encoder parts kept frozen: none, stem, stageK (the encoder up to and including stage K, as --summary "
-           "lists them) or encoder")
-    a("--train_eval_frames", type=non_negative_int, default=TRAIN_EVAL_FRAMES,
-      help="train metrics on this many frames (0: all)")
+    a("--seed", type=non_negative_int, default=SEED, help="seed of everything random")
+
+
+def run_flags(a):
+    """run folder"""
     a("--ckpt_dir", default=CKPT_DIR, help="folder of run folders")
     a("--ckpt_name", default=None, help="run folder name (default: the model name, never an existing run)")
     a("--keep", type=non_negative_int, default=KEEP, help="epoch checkpoints kept besides best.pth and last.pth")
-    a("--seed", type=non_negative_int, default=SEED, help="seed of everything random")
+    a("--evaluate_every", type=positive_int, default=EVALUATE_EVERY, help="epochs between evaluations")
+    a("--visualize_every", type=non_negative_int, default=VISUALIZE_EVERY,
+      help="steps between val figures (0: at evaluations only)")
+    a("--train_eval_frames", type=non_negative_int, default=TRAIN_EVAL_FRAMES,
+      help="train metrics on this many frames (0: all)")
     a("--resume", default=None, help="last.pth (or any checkpoint) of a run to continue exactly")
     a("--branch", default=None,
       help="a training checkpoint to continue in a NEW run folder with changed flags, e.g. a wsd decay from a constant "
@@ -150,32 +181,23 @@ def get_parser():
            "that --max_epochs 20 --decay_epochs 4 trains from scratch)")
     a("--stop_after_epochs", type=positive_int, default=None,
       help="stop cleanly after this epoch (continue with --resume)")
-    a("--workers", type=non_negative_int, default=WORKERS, help="DataLoader workers when the data is not cached")
-    a("--allow_unusual_depth", action="store_true",
-      help="train on depth maps whose median is beyond 100 (not metres: millimetres?), clipped to [0, 20] anyway")
-    a("--cache", default=CACHE, choices=["auto", "on", "off"], help="decode every frame once into RAM")
+
+
+def machine_flags(a):
+    """machine"""
+    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
     a("--amp", default=AMP, choices=["auto", "none", "bf16", "fp16"], help="autocast dtype")
     a("--channels_last", default=CHANNELS_LAST, choices=["auto", "on", "off"], help="memory format")
     a("--compile", action="store_true", help="torch.compile the training model (falls back to eager if it "
                                              "cannot; on the CPUs measured it made training slower: docs/speed.md)")
-    a("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when there is a GPU)")
-    a("--recipe", default=None, choices=sorted(RECIPES), help="a report's configuration")
-    a("--folds", type=non_negative_int, default=FOLDS,
-      help="block cross-validation: train+val frames in order, cut into this many contiguous blocks; runs every "
-           "fold and writes cv.csv / cv.md (0: off)")
-    a("--fold", type=positive_int, default=None,
-      help="with --folds: run only this fold (1..folds), holding out block FOLD")
-    a("--guard", type=non_negative_int, default=GUARD,
-      help="with --folds: frames dropped from training on each side of the held-out block")
-    a("--train_splits", default=TRAIN_SPLITS, help="splits to train on, joined by '+' (e.g. train+val to ship a "
-                                                   "recipe chosen by --folds; val metrics then score training frames)")
+
+
+def command_flags(a):
+    """other commands (each exits when done)"""
     a("--list-models", "--list_models", dest="list_models", action="store_true", help="list the models and exit")
     a("--summary", nargs="?", const="", default=None, metavar="HxW",
       help="print the model's encoder stages and decoder layers (output shape, parameters) and its FLOPs per image "
            "at HxW (default: its fixed input size, else 144x256), and exit")
-    a("--init", default=None, metavar="CKPT",
-      help="start a new run from a checkpoint's weights (fine-tuning): fresh optimizer, schedule and run folder; "
-           "the model flags default to the checkpoint's")
     a("--export", nargs=2, metavar=("CKPT", "OUT"), default=None,
       help="write a shippable copy of a checkpoint and exit; OUT's suffix picks the format: .pth a slim checkpoint "
       "(evaluated weights and the run's record, no optimizer state), .pt TorchScript, .onnx ONNX (graphs of "
@@ -185,7 +207,10 @@ def get_parser():
       "(default: the checkpoint's own)")
     a("--export_fp16", action="store_true",
       help="with --export to .pth: weights in fp16 (half the size; check the metrics)")
-    return p
+    a("--ensemble", nargs="+", metavar="CKPT", default=None,
+      help="with --export to .pth: the file holds one model that averages the predictions of --export's CKPT and "
+           "these checkpoints' (each a main.py checkpoint of the same frame size; with --export_fp16, 2 Lite2 models "
+           "fit in 20 MB)")
 
 
 def freeze_choice(text):
@@ -483,8 +508,7 @@ def train_one_epoch(run, data, env, epoch):
     """Train epoch `epoch` (0-based) from where the run stands. Returns "done", "out_of_time" (--time_budget used up)
     or "stopped" (a signal: last.pth then holds the exact place within the epoch)."""
     args = run.args
-    torch.manual_seed(args.seed * SEED_TORCH + epoch)  # everything random in an epoch is fixed by (seed, epoch)
-    aug_gen = torch.Generator().manual_seed(args.seed * SEED_AUG_PER_SEED + epoch * SEED_AUG_PER_EPOCH + env.rank)
+    aug_gen = seed_epoch(args.seed, epoch, env.rank)  # everything random in an epoch is fixed by (seed, epoch)
     augment = ds_lib.parse_augment(args.augment)
     indices = epoch_order(len(data.train), args.seed, epoch, env.rank, env.world)
     skip, loss_sum, n_seen = 0, 0.0, 0
@@ -686,6 +710,8 @@ def check_args(args):
     crossval.check_fold_flags(args)
     if args.scheduler == "wsd" and args.time_budget:
         raise UserError("--scheduler wsd runs over --max_epochs; it does not follow --time_budget's clock")
+    if args.model == ENSEMBLE:
+        build_model(ENSEMBLE)  # UserError: an ensemble is made from trained checkpoints, not trained
 
 
 def main(argv=None):
@@ -699,10 +725,13 @@ def main(argv=None):
             print(model_summary(args))
             return 0
         if args.export:
-            out = export_model(*args.export, half=args.export_fp16, tta=args.export_tta)
+            out = export_model(*args.export, half=args.export_fp16, tta=args.export_tta, ensemble=args.ensemble or ())
             print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, "
                   f"{'fp16' if args.export_fp16 else 'fp32'} weights)")
             return 0
+        if args.ensemble:
+            raise UserError("--ensemble goes with --export CKPT OUT.pth: it writes one checkpoint that averages "
+                            "the models")
         check_args(args)
         if args.folds and args.fold is None:
             return crossval.cross_validate(args, argv, lambda fold_argv: train(*parse_args(fold_argv)))

@@ -451,6 +451,44 @@ MODELS = {
 }
 
 
+# ------------------------------------------------------------------------------------------------
+# ensembles: the mean of trained models' predictions (main.py --export CKPT OUT.pth --ensemble CKPT2 ...)
+
+ENSEMBLE = "ensemble"
+MAX_MEMBERS = 8
+
+
+class Ensemble(nn.Module):
+    """The mean of its members' depths in metres (in eval mode each member's head bounds its own to [0, 20]). The
+    members take one input size; `config['members']` holds their descriptions, so `build_model` rebuilds them."""
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.input_size = members[0].input_size
+        self.config = {"name": ENSEMBLE, "members": [dict(m.config) for m in members]}
+        self.train_pixels = None
+
+    def forward(self, rgb):
+        return torch.stack([m(rgb) for m in self.members]).mean(0)
+
+
+def build_ensemble(members):
+    """An Ensemble of the models `members` describes (a list of 2 to MAX_MEMBERS `build_model` descriptions, without
+    weights: they come from a checkpoint); UserError for anything else."""
+    if not isinstance(members, (list, tuple)) or not all(isinstance(c, dict) and "name" in c for c in members):
+        raise UserError("an ensemble's 'members' must be a list of model descriptions")
+    if not 2 <= len(members) <= MAX_MEMBERS:
+        raise UserError(f"an ensemble has 2 to {MAX_MEMBERS} members, got {len(members)}")
+    if any(c["name"] == ENSEMBLE for c in members):
+        raise UserError("an ensemble's member cannot itself be an ensemble (list its members instead)")
+    nets = [build_model(**{k: v for k, v in c.items() if k not in ("pretrained", "encoder_weights")}) for c in members]
+    sizes = {n.input_size for n in nets}
+    if len(sizes) > 1:
+        raise UserError(f"ensemble members must take one input size, got {', '.join(map(str, sorted(sizes, key=str)))}")
+    return Ensemble(nets)
+
+
 def list_models():
     return [f"{name:<14} {description}" for name, (_, description) in MODELS.items()]
 
@@ -461,6 +499,11 @@ def build_model(name, pretrained=False, encoder=None, encoder_weights=None, head
     pretrained: ImageNet encoder weights (UserError when they cannot be had; never a silent random init).
     encoder_weights: a local state dict for the encoder (wins over pretrained).
     """
+    if name == ENSEMBLE:
+        if "members" not in options:
+            raise UserError("model 'ensemble' is not trained: it averages trained models (main.py --export CKPT "
+                            "OUT.pth --ensemble CKPT2 ...)")
+        return build_ensemble(options["members"])
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     if head not in HEADS:

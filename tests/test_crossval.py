@@ -137,3 +137,33 @@ def test_length_curve_table_from_branch_folders(tmp_path):
     assert "| 8 | 3.250 / 0.350 | 3.250 / 0.350 |" in table
     assert crossval.main([str(tmp_path)]) == 0
     assert (tmp_path / "length.md").read_text() == table and (tmp_path / "length.png").stat().st_size > 1000
+
+
+def test_lever_versus_base_is_a_paired_difference(tmp_path, capsys):
+    """crossval.py LEVER --versus BASE: per fold the lever's figures and its difference from the base's of the same
+    fold and length; the mean ± sample std of those differences (statistics.stdev) and a count of folds better.
+    Lengths or folds only one side has are left out."""
+    import crossval
+    base = {(1, 20): (3.0, 0.40), (2, 20): (2.0, 0.50), (3, 20): (2.5, 0.45), (1, 10): (3.1, 0.39)}
+    lever = {(1, 20): (2.9, 0.42), (2, 20): (2.1, 0.53), (3, 20): (2.3, 0.46), (1, 5): (3.3, 0.3)}
+    for folder, figures in (("base", base), ("lever", lever)):
+        for (fold, length), (rmse, ssim) in figures.items():
+            (tmp_path / folder / f"fold{fold}_e{length}").mkdir(parents=True)
+            (tmp_path / folder / f"fold{fold}_e{length}" / "result.json").write_text(json.dumps(
+                {"fold": fold, "rmse": rmse, "ssim": ssim, "decay_from": length * 0.8}))
+    lever_dir, base_dir = str(tmp_path / "lever"), str(tmp_path / "base")
+    assert crossval.main([lever_dir, "--versus", base_dir]) == 0
+    table = (tmp_path / "lever" / "versus.md").read_text()
+    d_rmse, d_ssim = [-0.1, 0.1, -0.2], [0.02, 0.03, 0.01]
+    row = (f"| 20 | 2.900 / 0.420 (-0.100 / +0.020) | 2.100 / 0.530 (+0.100 / +0.030) | 2.300 / 0.460 (-0.200 / "
+           f"+0.010) | {statistics.mean(d_rmse):+.3f} ± {statistics.stdev(d_rmse):.3f} | "
+           f"{statistics.mean(d_ssim):+.3f} ± {statistics.stdev(d_ssim):.3f} | 2, 3 of 3 |")
+    assert row in table and "| 20 | 2.900" in row and "| 10 |" not in table and "| 5 |" not in table
+    assert table in capsys.readouterr().out
+    (tmp_path / "other" / "fold1_e40").mkdir(parents=True)
+    (tmp_path / "other" / "fold1_e40" / "result.json").write_text(json.dumps({"fold": 1, "rmse": 2.0, "ssim": 0.5}))
+    assert crossval.main([str(tmp_path / "other"), "--versus", base_dir]) == 2
+    assert "no length and fold in common" in capsys.readouterr().err
+    assert crossval.main([lever_dir, "--against", base_dir]) == 2
+    assert crossval.main([lever_dir, "--versus", str(tmp_path / "missing")]) == 2
+    assert "missing: folder not found" in capsys.readouterr().err
