@@ -169,10 +169,10 @@ def versus_table(branches, base_branches, name, base_name):
     for n in lengths:
         runs, base = branches[n], base_branches[n]
         paired = [k for k in folds if k in runs and k in base]
-        d_rmse = [runs[k]["rmse"] - base[k]["rmse"] for k in paired]
-        d_ssim = [runs[k]["ssim"] - base[k]["ssim"] for k in paired]
-        cells = [f"{runs[k]['rmse']:.3f} / {runs[k]['ssim']:.3f} ({runs[k]['rmse'] - base[k]['rmse']:+.3f} / "
-                 f"{runs[k]['ssim'] - base[k]['ssim']:+.3f})" if k in paired else "—" for k in folds]
+        diff = {k: (runs[k]["rmse"] - base[k]["rmse"], runs[k]["ssim"] - base[k]["ssim"]) for k in paired}
+        d_rmse, d_ssim = [diff[k][0] for k in paired], [diff[k][1] for k in paired]
+        cells = [f"{runs[k]['rmse']:.3f} / {runs[k]['ssim']:.3f} ({diff[k][0]:+.3f} / {diff[k][1]:+.3f})"
+                 if k in diff else "—" for k in folds]
         (mr, sr), (ms, ss) = mean_std(d_rmse), mean_std(d_ssim)
         better = f"{sum(d < 0 for d in d_rmse)}, {sum(d > 0 for d in d_ssim)} of {len(paired)}"
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {mr:+.3f} ± {sr:.3f} | {ms:+.3f} ± {ss:.3f} | {better} |")
