@@ -1,7 +1,8 @@
 """main.py --export CKPT OUT: a shippable copy of a checkpoint, by OUT's suffix (`export_model`).
 
     .pth   a slim checkpoint: the evaluated weights (fp16 with --export_fp16) and the run's record, no optimizer;
-           with --ensemble CKPT2 ..., one model that averages the checkpoints' predictions (model.Ensemble)
+           with --ensemble CKPT2 ..., one model that averages the checkpoints' predictions (model.Ensemble);
+           with --member K, an ensemble's K-th member alone
     .pt    a TorchScript graph of predict_depth
     .onnx  an ONNX graph of predict_depth (needs pip install onnx onnxruntime)
 
@@ -37,21 +38,26 @@ def refuse_existing(dst):
     refuse_unless_ours(dst, None, f"{dst}: exists; export writes a new file only (move the old one away first)")
 
 
-def export_checkpoint(src, dst, half=False, tta=None, ensemble=()):
+def export_checkpoint(src, dst, half=False, tta=None, ensemble=(), member=None):
     """A shippable copy of a training checkpoint: the evaluated weights (fp16 with half=True) and the run's record
     (args, history, best), without optimizer or resume state. Never overwrites dst. tta: the test-time augmentation
     evaluate.py applies by default to this checkpoint ("flip" or None). ensemble: more checkpoints whose models are
-    averaged with src's (`ensemble_checkpoint`)."""
+    averaged with src's (`ensemble_checkpoint`); member: K, src is an ensemble and dst its K-th member alone.
+    Returns (dst, "fp16" or "fp32": the weights written, fp16 also when src's were)."""
     ckpt = read_checkpoint(src, "--export")
     refuse_existing(dst)
+    if ensemble and member:
+        raise UserError("--ensemble makes an ensemble, --member takes one apart: pick one")
     if ensemble:
         ckpt = ensemble_checkpoint([src, *ensemble], [ckpt] + [read_checkpoint(p, "--ensemble") for p in ensemble])
+    if member:
+        ckpt = member_checkpoint(src, ckpt, member)
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
     slim = {k: ckpt[k] for k in ("model", "input_size", "train_hw", "epoch", "step", "best", "args", "history",
                                  "versions", "train_seconds", "members_from", "members_args")
             if k in ckpt}
     save_checkpoint(dst, dict(slim, state_dict=state, exported_from=os.path.basename(src), tta=tta))
-    return dst
+    return dst, "fp16" if any(v.dtype == torch.float16 for v in state.values()) else "fp32"
 
 
 def ensemble_checkpoint(sources, ckpts):
@@ -72,6 +78,25 @@ def ensemble_checkpoint(sources, ckpts):
     state = {f"members.{i}.{k}": v for i, c in enumerate(ckpts) for k, v in c["state_dict"].items()}
     return dict(ckpts[0], model=model, state_dict=state, members_from=[os.path.basename(p) for p in sources],
                 members_args=[c.get("args") for c in ckpts])
+
+
+def member_checkpoint(src, ckpt, k):
+    """The K-th (1-based) member of an ensemble checkpoint as a one-model checkpoint: its description, its weights
+    (members.K-1.*, as stored) and its args; the record of the ensemble's first member (history, best, epochs) only
+    for K = 1, whose it is. UserError naming src when it is no ensemble or has fewer members."""
+    members = ckpt["model"].get("members") if ckpt["model"].get("name") == ENSEMBLE else None
+    if not members:
+        raise UserError(f"{src}: not an ensemble; --member takes one model out of a file written with --ensemble")
+    if k > len(members):
+        raise UserError(f"{src}: an ensemble of {len(members)} models; --member takes 1 to {len(members)}, got {k}")
+    prefix = f"members.{k - 1}."
+    state = {name[len(prefix):]: v for name, v in ckpt["state_dict"].items() if name.startswith(prefix)}
+    record = ("input_size", "train_hw", "versions") + (("epoch", "step", "best", "history", "train_seconds")
+                                                       if k == 1 else ())
+    args = (ckpt.get("members_args") or [None] * len(members))[k - 1]
+    one = dict({key: ckpt[key] for key in record if key in ckpt}, model=dict(members[k - 1]), state_dict=state)
+    model_from_checkpoint(one["model"], state, src)  # UserError when the weights do not fit
+    return dict(one, **({"args": args} if args is not None else {}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -215,19 +240,20 @@ def export_graph(src, dst, tta=None):
     return dst
 
 
-def export_model(src, dst, half=False, tta=None, ensemble=()):
+def export_model(src, dst, half=False, tta=None, ensemble=(), member=None):
     """--export: by dst's suffix, .pth a slim checkpoint (export_checkpoint; an ensemble of src and `ensemble`'s
-    checkpoints if given), .pt TorchScript, .onnx ONNX (export_graph). tta None: .pth names none, a graph takes the
-    checkpoint's own."""
+    checkpoints if given, or src's ensemble member `member`), .pt TorchScript, .onnx ONNX (export_graph). tta None:
+    .pth names none, a graph takes the checkpoint's own. Returns (dst, "fp16" or "fp32": its weights)."""
     suffix = os.path.splitext(os.fspath(dst))[1].lower()
     if suffix == ".pth":
-        return export_checkpoint(src, dst, half, None if tta in (None, "none") else tta, ensemble)
-    if ensemble:
-        raise UserError(f"{dst}: --ensemble writes a .pth checkpoint; export that file to a graph in a second step")
+        return export_checkpoint(src, dst, half, None if tta in (None, "none") else tta, ensemble, member)
+    if ensemble or member:
+        raise UserError(f"{dst}: --{'ensemble' if ensemble else 'member'} writes a .pth checkpoint; export that file "
+                        f"to a graph in a second step")
     if suffix not in GRAPH_FORMATS:
         raise UserError(f"{dst}: export picks the format by the suffix: .pth (checkpoint), .pt (TorchScript) or "
                         f".onnx (ONNX), got {suffix or 'none'}")
     if half:
         raise UserError(f"{dst}: --export_fp16 is for .pth checkpoints; a {GRAPH_FORMATS[suffix]} graph is fp32")
-    return export_graph(src, dst, tta)
+    return export_graph(src, dst, tta), "fp32"
 

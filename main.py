@@ -211,6 +211,9 @@ def command_flags(a):
       help="with --export to .pth: the file holds one model that averages the predictions of --export's CKPT and "
            "these checkpoints' (each a main.py checkpoint of the same frame size; with --export_fp16, 2 Lite2 models "
            "fit in 20 MB)")
+    a("--member", type=positive_int, default=None, metavar="K",
+      help="with --export ENSEMBLE.pth OUT.pth: OUT is the ensemble's K-th member alone (1 = --export's CKPT when "
+           "it was made), a one-model checkpoint for --init or for one forward pass instead of N")
 
 
 def freeze_choice(text):
@@ -241,6 +244,9 @@ def parse_args(argv):
         raise UserError("--init starts a new run from a checkpoint's weights; --resume and --branch continue a run "
                         "with its optimizer and schedule: pick one")
     init = read_checkpoint(pre.init, "--init") if pre.init else None
+    if init is not None and init["model"].get("name") == ENSEMBLE:
+        raise UserError(f"--init {pre.init}: an ensemble of {len(init['model'].get('members') or [])} models; a run "
+                        f"starts from one: take it out with main.py --export {pre.init} MEMBER.pth --member K")
     if init is not None:  # the model it holds, unless a flag asks for another (one line naming what differs)
         parser.set_defaults(**init_model_flags(init))
     args = parser.parse_args(argv)
@@ -725,13 +731,15 @@ def main(argv=None):
             print(model_summary(args))
             return 0
         if args.export:
-            out = export_model(*args.export, half=args.export_fp16, tta=args.export_tta, ensemble=args.ensemble or ())
-            print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, "
-                  f"{'fp16' if args.export_fp16 else 'fp32'} weights)")
+            out, weights = export_model(*args.export, half=args.export_fp16, tta=args.export_tta,
+                                        ensemble=args.ensemble or (), member=args.member)
+            print(f"wrote {out} ({os.path.getsize(out) / 2 ** 20:.1f} MiB, {weights} weights)")
             return 0
         if args.ensemble:
             raise UserError("--ensemble goes with --export CKPT OUT.pth: it writes one checkpoint that averages "
                             "the models")
+        if args.member:
+            raise UserError("--member goes with --export ENSEMBLE.pth OUT.pth: it writes one member as a checkpoint")
         check_args(args)
         if args.folds and args.fold is None:
             return crossval.cross_validate(args, argv, lambda fold_argv: train(*parse_args(fold_argv)))

@@ -1,5 +1,7 @@
 """main.py --export CKPT OUT.pth --ensemble CKPT2 ...: one checkpoint whose model averages its members' predictions;
-evaluate.py, --export_fp16 and graph export take it like any checkpoint; wrong members fail in one line."""
+evaluate.py, --export_fp16 and graph export take it like any checkpoint; wrong members fail in one line;
+--member K takes one model back out."""
+import functools
 import os
 
 import pytest
@@ -29,6 +31,13 @@ def member(path, seed, name="unet_res", encoder="mobilenetv3_small_050", spread=
 def loaded(path):
     ckpt = read_checkpoint(path)
     return model_from_checkpoint(ckpt["model"], ckpt["state_dict"], path).eval()
+
+
+def refused_in_one_line(capsys, argv, *fragments):
+    """main.py refuses argv with exit 2 and one stderr line holding every fragment."""
+    assert main_mod.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and all(f in err for f in fragments), err
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +86,7 @@ def test_ensemble_predicts_the_mean_of_its_members(members, synthetic_root, tmp_
 
 
 def test_wrong_ensembles_fail_in_one_line(members, tmp_path, capsys):
-    def refused(argv, *fragments):
-        assert main_mod.main(argv) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and all(f in err for f in fragments), err
-
+    refused = functools.partial(refused_in_one_line, capsys)
     out = str(tmp_path / "ens.pth")
     refused(["--ensemble", members[1]], "--ensemble goes with --export")
     refused(["--export", members[0], str(tmp_path / "ens.pt"), "--ensemble", members[1]], "writes a .pth")
@@ -93,7 +98,7 @@ def test_wrong_ensembles_fail_in_one_line(members, tmp_path, capsys):
     ckpt = read_checkpoint(members[1])
     save_checkpoint(bad, dict(ckpt, state_dict={k: v for k, v in ckpt["state_dict"].items() if "decoder" not in k}))
     refused(["--export", members[0], str(tmp_path / "e4.pth"), "--ensemble", str(bad)], "bad.pth: weights do not fit")
-    refused(["--init", out, "--max_epochs", "1"], "is not trained")
+    refused(["--init", out, "--max_epochs", "1"], f"--init {out}: an ensemble of 2 models", "--member K")
     one = tmp_path / "one.pth"
     save_checkpoint(one, {"model": {"name": "ensemble", "members": [ckpt["model"]]},
                           "state_dict": {f"members.0.{k}": v for k, v in ckpt["state_dict"].items()}})
@@ -103,3 +108,31 @@ def test_wrong_ensembles_fail_in_one_line(members, tmp_path, capsys):
     assert "one.pth: cannot build the model it describes (an ensemble has 2 to 8 members, got 1)" in \
         capsys.readouterr().err
     assert not any(os.path.exists(tmp_path / f"e{k}.pth") for k in range(2, 6))  # nothing written when refused
+
+
+def test_member_takes_one_model_back_out_bit_for_bit(members, tmp_path, capsys):
+    refused = functools.partial(refused_in_one_line, capsys)
+    ens, ens16 = str(tmp_path / "ens.pth"), str(tmp_path / "ens16.pth")
+    assert main_mod.main(["--export", members[0], ens, "--ensemble", *members[1:]]) == 0
+    assert main_mod.main(["--export", members[0], ens16, "--ensemble", *members[1:], "--export_fp16"]) == 0
+    for k, source in enumerate(members, start=1):
+        out = str(tmp_path / f"m{k}.pth")
+        assert main_mod.main(["--export", ens, out, "--member", str(k)]) == 0
+        got, want = read_checkpoint(out), read_checkpoint(source)
+        assert got["model"] == want["model"] and got["args"] == want["args"] and got["tta"] is None
+        assert got["state_dict"].keys() == want["state_dict"].keys()
+        assert all(torch.equal(got["state_dict"][n], v) for n, v in want["state_dict"].items())
+        half = str(tmp_path / f"m{k}_16.pth")  # from the fp16 ensemble: the member's weights in fp16, as stored
+        capsys.readouterr()
+        assert main_mod.main(["--export", ens16, half, "--member", str(k)]) == 0
+        assert "MiB, fp16 weights)" in capsys.readouterr().out  # what was written, without --export_fp16 too
+        assert all(torch.equal(read_checkpoint(half)["state_dict"][n], v.half())
+                   for n, v in want["state_dict"].items() if v.is_floating_point())
+    refused(["--export", ens, str(tmp_path / "x4.pth"), "--member", "4"], "ens.pth: an ensemble of 3 models",
+            "1 to 3, got 4")
+    refused(["--export", members[0], str(tmp_path / "x5.pth"), "--member", "1"], "m0.pth: not an ensemble")
+    refused(["--export", ens, str(tmp_path / "x6.pt"), "--member", "1"], "x6.pt: --member writes a .pth")
+    refused(["--export", ens, str(tmp_path / "x7.pth"), "--member", "1", "--ensemble", members[0]], "pick one")
+    refused(["--member", "1"], "--member goes with --export")
+    refused(["--export", ens, str(tmp_path / "m1.pth"), "--member", "1"], "m1.pth: exists")  # never overwritten
+    assert not any(os.path.exists(tmp_path / f"x{k}.{s}") for k in range(4, 8) for s in ("pth", "pt"))
