@@ -486,7 +486,9 @@ def model_from_init(args, env, data, ckpt):
     average with --ema), for a new run (parse_args has checked that the model flags ask for this model)."""
     net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], args.init)
     hw = checkpoint_train_hw(ckpt)
-    env.log(f"initialised from {args.init} (its evaluated weights, after {epochs_done(ckpt)} epoch(s) of its run); "
+    done = epochs_done(ckpt)  # None for a file without its run's record (an ensemble's member 2, ...)
+    env.log(f"initialised from {args.init} (its evaluated weights"
+            f"{'' if done is None else f', after {done} epoch(s) of its run'}); "
             f"fresh optimizer and schedule" + (f"; it was trained on {hw[0]}x{hw[1]} frames, these are "
                                                f"{data.train_hw[0]}x{data.train_hw[1]}" if
                                                tuple(hw) != tuple(data.train_hw) else ""))
