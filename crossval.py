@@ -136,23 +136,29 @@ def length_table(branches, constant):
     head = "| length (epochs) | decay from | " + " | ".join(f"fold {k} RMSE / SSIM" for k in folds)
     lines = [head + " | RMSE mean ± std | SSIM mean ± std |", "|---" * (len(folds) + 4) + "|"]
     for length in sorted(branches):
-        runs = branches[length]
-        cells = [f"{runs[k]['rmse']:.3f} / {runs[k]['ssim']:.3f}" if k in runs else "—" for k in folds]
-        rmse, ssim_ = mean_std([r["rmse"] for r in runs.values()]), mean_std([r["ssim"] for r in runs.values()])
-        start = {r.get("decay_from") for r in runs.values()} - {None}
-        spread = (lambda ms: f"{ms[0]:.3f} ± {ms[1]:.3f}") if len(runs) > 1 else (lambda ms: f"{ms[0]:.3f} (1 fold)")
-        lines.append(f"| {length} | {', '.join(f'{s:g}' for s in sorted(start)) or '?'} | " + " | ".join(cells)
-                     + f" | {spread(rmse)} | {spread(ssim_)} |")
+        runs = {k: (r["rmse"], r["ssim"]) for k, r in branches[length].items()}
+        start = {r.get("decay_from") for r in branches[length].values()} - {None}
+        lines.append(f"| {length} | {', '.join(f'{s:g}' for s in sorted(start)) or '?'} | "
+                     + fold_cells(runs, folds) + " |")
     if constant:
         lines += ["", "The constant-LR runs' own evaluations (EMA weights, no decay):", "",
-                  "| epoch | " + " | ".join(f"fold {k} RMSE / SSIM" for k in sorted(constant)) + " |",
-                  "|---" * (len(constant) + 1) + "|"]
-        by_fold = {k: {r[0]: r for r in rows} for k, rows in constant.items()}
+                  "| epoch | " + " | ".join(f"fold {k} RMSE / SSIM" for k in sorted(constant))
+                  + " | RMSE mean ± std | SSIM mean ± std |", "|---" * (len(constant) + 3) + "|"]
+        by_fold = {k: {e: (rmse, ssim_) for e, rmse, ssim_ in rows} for k, rows in constant.items()}
         for e in sorted({e for rows in constant.values() for e, _, _ in rows}):
-            cells = [f"{by_fold[k][e][1]:.3f} / {by_fold[k][e][2]:.3f}" if e in by_fold[k] else "—"
-                     for k in sorted(constant)]
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+            runs = {k: by_fold[k][e] for k in by_fold if e in by_fold[k]}
+            lines.append(f"| {e} | " + fold_cells(runs, sorted(constant)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def fold_cells(runs, folds):
+    """Table cells: each fold's RMSE / SSIM ("—" where missing), then RMSE and SSIM mean ± std over the folds
+    present ("(1 fold)" instead of a std when only one is)."""
+    cells = [f"{runs[k][0]:.3f} / {runs[k][1]:.3f}" if k in runs else "—" for k in folds]
+    for col in (0, 1):
+        mean, std = mean_std([r[col] for r in runs.values()])
+        cells.append(f"{mean:.3f} ± {std:.3f}" if len(runs) > 1 else f"{mean:.3f} (1 fold)")
+    return " | ".join(cells)
 
 
 def versus_table(branches, base_branches, name, base_name):

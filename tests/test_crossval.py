@@ -126,15 +126,20 @@ def test_length_curve_table_from_branch_folders(tmp_path):
     for fold in (1, 2):
         (tmp_path / f"fold{fold}").mkdir()
         (tmp_path / f"fold{fold}" / "metrics.csv").write_text(
-            "epoch,train_loss,val_rmse,val_ssim\n1,9.0,,\n4,5.0,3.5,0.3\n8,4.0,3.25,0.35\n")
+            "epoch,train_loss,val_rmse,val_ssim\n1,9.0,,\n4,5.0,3.5,0.3\n8,4.0,3.25,0.35\n"
+            + ("12,3.5,3.0,0.4\n" if fold == 1 else "12,3.4,3.2,0.42\n16,3.3,3.1,0.44\n"))
     (tmp_path / "notes").mkdir()  # anything else is ignored
     branches, constant = crossval.read_length_runs(str(tmp_path))
-    assert sorted(branches) == [10, 20] and constant[2] == [(4, 3.5, 0.3), (8, 3.25, 0.35)]
+    assert sorted(branches) == [10, 20] and constant[1] == [(4, 3.5, 0.3), (8, 3.25, 0.35), (12, 3.0, 0.4)]
     table = crossval.length_table(branches, constant)
     sd = statistics.stdev([3.0, 2.0])
     assert f"| 10 | 8 | 3.000 / 0.400 | 2.000 / 0.500 | 2.500 ± {sd:.3f} | 0.450 ± 0.071 |" in table
     assert "| 20 | 16 | 2.500 / 0.450 | 1.900 / 0.550 | 2.200 ± 0.424 | 0.500 ± 0.071 |" in table
-    assert "| 8 | 3.250 / 0.350 | 3.250 / 0.350 |" in table
+    # the constant runs per epoch: mean ± std over the folds that reached it
+    assert "| 8 | 3.250 / 0.350 | 3.250 / 0.350 | 3.250 ± 0.000 | 0.350 ± 0.000 |" in table
+    sd = statistics.stdev([3.0, 3.2]), statistics.stdev([0.4, 0.42])
+    assert f"| 12 | 3.000 / 0.400 | 3.200 / 0.420 | 3.100 ± {sd[0]:.3f} | 0.410 ± {sd[1]:.3f} |" in table
+    assert "| 16 | — | 3.100 / 0.440 | 3.100 (1 fold) | 0.440 (1 fold) |" in table
     assert crossval.main([str(tmp_path)]) == 0
     assert (tmp_path / "length.md").read_text() == table and (tmp_path / "length.png").stat().st_size > 1000
 
