@@ -15,6 +15,12 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+# The test command runs one pytest-xdist worker per core (-n auto): torch in a worker gets one thread, else the
+# workers' threads oversubscribe the cores (2 workers x 2 threads on this project's 2-core VM: 10.4 minutes).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+    torch.set_num_threads(1)
+
 
 def write_frame(root, split, name, rgb_u8, depth_m, ext=".jpeg"):
     """Write one frame in the dataset layout (split=None: a split folder given directly)."""
