@@ -50,6 +50,8 @@ def get_parser():
     p = with_cli_conventions(argparse.ArgumentParser(description=__doc__.split("\n")[0]))
     a = p.add_argument
     a("--model", default=train_script.MODEL, help="model variant (main.py --list-models)")
+    a("--encoder", default=None, help="timm encoder of the U-Net models (default: the model's own; the shipped "
+                                      "recipe's is tf_efficientnet_lite2)")
     a("--data_dir", default=None, help="dataset root (default: synthetic scenes made in a temporary folder)")
     a("--n_train", type=positive_int, default=96, help="synthetic train frames (without --data_dir)")
     a("--n_val", type=positive_int, default=32, help="synthetic val frames (without --data_dir)")
@@ -226,7 +228,8 @@ def make_path(margs, loss_fn, device, total_steps, amp_dtype=None, channels_last
     """(model, train_one(rgb, depth), predict_one(rgb, depth)) of one path, made as main.py makes them; the defaults
     are the template's: fp32, default memory format, no augmentation. Same seed, so the same initial weights."""
     seed_everything(0)
-    net = model_lib.build_model(margs.model, pretrained=False, head=margs.head).to(device).train()
+    net = model_lib.build_model(margs.model, pretrained=False, encoder=margs.encoder, head=margs.head)
+    net = net.to(device).train()
     model_lib.depthwise_fp32_in_training(net)  # as main.py builds it (acts only under CPU bf16 autocast)
     if channels_last:
         net.to(memory_format=torch.channels_last)
@@ -369,7 +372,8 @@ def run(args):
                                   args.template_workers))
 
     # the same model (same initial weights), optimizer, scheduler and loss for both paths, made by main.py's functions
-    margs = train_script.get_parser().parse_args(["--model", args.model, "--batch_size", str(args.batch_size)])
+    margs = train_script.get_parser().parse_args(["--model", args.model, "--batch_size", str(args.batch_size)]
+                                                 + (["--encoder", args.encoder] if args.encoder else []))
     margs.max_epochs = 1
     loss_fn = build_loss(margs.loss, margs.head == "clip")
     augment = ds_lib.parse_augment(margs.augment)
@@ -380,7 +384,8 @@ def run(args):
                                        make_path(margs, loss_fn, device, total_steps))
     paths = ("ours", "template")
     n_params = sum(p.numel() for p in nets[0].parameters())
-    print(f"model {args.model} ({n_params / 1e6:.2f} M parameters), batch {args.batch_size} of {hw[1]}x{hw[0]}, loss "
+    model_name = f"{args.model} {nets[0].config['encoder']}"
+    print(f"model {model_name} ({n_params / 1e6:.2f} M parameters), batch {args.batch_size} of {hw[1]}x{hw[0]}, loss "
           f"{loss_fn.spec}, {margs.optimizer}; ours augments ({margs.augment}) as main.py does, the template does not")
 
     print(f"train: {args.warmup} warm-up + {args.repeats} x {args.steps} steps per path, repeats in turn")
@@ -417,7 +422,7 @@ def run(args):
 
     memory = "CUDA max_memory_allocated per path" if device.type == "cuda" else \
         "process peak RSS so far (ru_maxrss; the whole process, cached data included)"
-    print(f"\n{args.model}, batch {args.batch_size}, {hw[1]}x{hw[0]}, {device} ({why}), torch {torch.__version__}")
+    print(f"\n{model_name}, batch {args.batch_size}, {hw[1]}x{hw[0]}, {device} ({why}), torch {torch.__version__}")
     print(f"{'':16}{'images/s':>9} {'(min-max)':>13} {'ratio':>6} {'GFLOP/img':>9} {'GFLOP/s':>8} {'mfu':>7} "
           f"{'of peak':>9} "
           f"{'mem MB':>7}")
@@ -456,7 +461,8 @@ def run(args):
                     "torch": str(torch.__version__),
                     "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                     "precision_and_layout": why, "load_average_1min_at_end": os.getloadavg()[0]},
-        "config": {"model": args.model, "batch_size": args.batch_size, "image_hw": list(hw), "steps": args.steps,
+        "config": {"model": args.model, "encoder": nets[0].config["encoder"], "batch_size": args.batch_size,
+                   "image_hw": list(hw), "steps": args.steps,
                    "repeats": args.repeats, "warmup": args.warmup, "template_workers": args.template_workers,
                    "data_dir": args.data_dir, "train_frames": len(sets["train"]), "val_frames": len(sets["val"]),
                    "ours": {"autocast": amp_dtype and dtype_name(amp_dtype), "channels_last": channels_last,

@@ -13,11 +13,12 @@ def test_benchmark_writes_every_figure(synthetic_root, tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert benchmark.main(["--data_dir", synthetic_root, "--batch_size", "2", "--warmup", "1", "--steps", "1",
                            "--repeats", "1", "--template_workers", "0", "--device", "cpu", "--profile",
-                           "--json", str(out)]) == 0
+                           "--encoder", "tf_efficientnet_lite1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
 
     assert {"machine", "config", "train", "eval", "utilisation", "profile"} <= set(result)
     assert result["machine"]["cpu"] and result["machine"]["torch"] and result["machine"]["device"] == "cpu"
+    assert result["config"]["encoder"] == "tf_efficientnet_lite1"  # not effnet_unet's default, Lite0
     assert result["config"]["batch_size"] == 2 and result["config"]["image_hw"] == [144, 256]
     assert result["config"]["template"]["autocast"] is None and result["config"]["template"]["channels_last"] is False
     for kind in ("train", "eval"):
@@ -35,7 +36,7 @@ def test_benchmark_writes_every_figure(synthetic_root, tmp_path, capsys):
     assert profile["top_ops"] and abs(sum(profile["time_share_by_kind"].values()) - 1) < 1e-6
 
     printed = capsys.readouterr().out
-    assert "train ours" in printed and "eval template" in printed and "mfu" in printed
+    assert "model effnet_unet tf_efficientnet_lite1 (" in printed and "train ours" in printed and "eval template" in printed and "mfu" in printed
     assert "what bounds the step: memory bandwidth" in printed and "warm-up" in printed
     assert 0 < result["train"]["dense_conv_flop_share"] <= 1 and result["train"]["ours"]["warmup_s"] > 0
 
