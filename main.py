@@ -178,7 +178,8 @@ def run_flags(a):
     a("--branch", default=None,
       help="a training checkpoint to continue in a NEW run folder with changed flags, e.g. a wsd decay from a constant "
            "run's epoch checkpoint: --branch RUN/epoch016.pth --max_epochs 20 --decay_epochs 4 (exactly the run "
-           "that --max_epochs 20 --decay_epochs 4 trains from scratch)")
+           "that --max_epochs 20 --decay_epochs 4 trains from scratch); training flags such as --augment, --loss, "
+           "--lr, --weight_decay may change from there on, the model, data and batches may not")
     a("--stop_after_epochs", type=positive_int, default=None,
       help="stop cleanly after this epoch (continue with --resume)")
 

@@ -50,6 +50,11 @@ def check_branch(args, ckpt, done, source):
                                f"used --scheduler {saved.scheduler})"))
     if not args.ckpt_name:
         args.ckpt_name = f"{os.path.basename(os.path.dirname(os.path.abspath(source)))}_e{args.max_epochs}"
+    saved, own = ckpt["args"], ("resume", "branch", "stop_after_epochs", "list_models", "max_epochs", "decay_epochs")
+    changed = [f"--{k} {v} (the run's: {saved[k]})" for k, v in vars(args).items()
+               if k in saved and saved[k] != v and k not in SESSION_FLAGS + own]
+    if changed:
+        print(f"branch {source}: it trains on with {', '.join(changed)}; the optimizer's moments are the run's")
 
 
 def init_model_flags(ckpt):

@@ -44,13 +44,21 @@ def epochs_done(ckpt):
 def restore_training_state(run, ckpt, source):
     """The inverse of `training_state` for what `build_run` did not already take from the checkpoint."""
     try:
+        own_groups = [{k: v for k, v in g.items() if k != "params"} for g in run.optimizer.param_groups]
         run.optimizer.load_state_dict(ckpt["optimizer"])
+        if run.args.branch:  # the moments are the source's; --lr, --encoder_lr, --weight_decay, ... the branch's own
+            for group, own in zip(run.optimizer.param_groups, own_groups):
+                group.update({k: v for k, v in own.items() if k != "lr" or run.scheduler is None})
         if run.scheduler is not None and ckpt.get("scheduler") is not None:
             length = lambda sched: getattr(sched, "total_steps", getattr(sched, "T_max", None))
             planned = length(run.scheduler)
             run.scheduler.load_state_dict(ckpt["scheduler"])
-            if run.args.branch and run.args.scheduler == "wsd":  # a branch lays out its own length
+            if run.args.branch and run.args.scheduler == "wsd":  # a branch lays out its own length and LRs
                 run.scheduler.total_steps = planned
+                run.scheduler.base_lrs = [g["initial_lr"] for g in run.optimizer.param_groups]
+                for group, base, factor in zip(run.optimizer.param_groups, run.scheduler.base_lrs,
+                                               run.scheduler.lr_lambdas):
+                    group["lr"] = base * factor(run.scheduler.last_epoch)
             elif length(run.scheduler) != planned:
                 raise UserError(f"{source}: its {run.args.scheduler} schedule was laid out over "
                                 f"{length(run.scheduler)} steps, and --max_epochs {run.max_epochs} asks for {planned}; "

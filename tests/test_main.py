@@ -341,6 +341,17 @@ def test_wsd_branch_is_the_dedicated_run_bit_for_bit(small_synthetic_root, tmp_p
     const = torch.load(tmp_path / "const" / "epoch002.pth", weights_only=True)
     assert not all(torch.equal(const["state_dict"][k], branch["state_dict"][k]) for k in branch["state_dict"])
 
+    # a branch's optimizer flags are its own (loading the source's optimizer state would bring back the source's)
+    assert main_mod.main(["--branch", str(source), "--max_epochs", "3", "--decay_epochs", "1", "--lr", "2e-3",
+                          "--encoder_lr", "3e-4", "--weight_decay", "0.05", "--ckpt_name", "tuned"]) == 0
+    out = capsys.readouterr().out
+    assert "--lr 0.002 (the run's: 0.001)" in out and "--weight_decay 0.05 (the run's: 0.0001)" in out
+    tuned = torch.load(tmp_path / "tuned" / "last.pth", weights_only=True)
+    groups = tuned["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.05] and [g["initial_lr"] for g in groups] == [3e-4, 2e-3]
+    assert tuned["scheduler"]["base_lrs"] == [3e-4, 2e-3]
+    assert [h["lr"] for h in tuned["history"]] == [1e-3, 2e-3, 0.0]  # the source's epoch, the branch's LR, decayed
+
 
 def test_branch_refusals_are_one_line(small_synthetic_root, tmp_path, capsys):
     common = ["--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path), "--scheduler", "wsd", "--keep",
