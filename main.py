@@ -44,8 +44,8 @@ from losses import build_loss
 from model import (ENSEMBLE, HEADS, build_model, compile_or_eager, depthwise_fp32_in_training, fit_input,
                    freeze_encoder, list_models, param_groups, predict_depth, summary_text)
 from recipes import RECIPES, recipe_note, set_recipe_defaults
-from resume_checks import (check_branch, check_init_flags, check_resume_flags, check_resumed_data, frame_record,
-                           init_model_flags)
+from resume_checks import (NOT_KEPT, check_branch, check_init_flags, check_resume_flags, check_resumed_data,
+                           frame_record, init_model_flags)
 from rundir import claim_run_dir, kept_checkpoint_note, prune_epoch_files, write_csv
 from runstate import epochs_done, repair_run_dir, restore_training_state, save_checkpoints
 from schedules import WSD, decay_from, follow_clock, make_scheduler, on_clock
@@ -237,7 +237,7 @@ def parse_args(argv):
     source = pre.resume or pre.branch
     if source:
         ckpt = read_checkpoint(source, "--resume" if pre.resume else "--branch")
-        not_kept = ("resume", "branch", "stop_after_epochs", "list_models") + (("ckpt_name",) if pre.branch else ())
+        not_kept = NOT_KEPT + (("ckpt_name",) if pre.branch else ())
         parser.set_defaults(**{k: v for k, v in ckpt["args"].items() if k not in not_kept})
     elif pre.recipe:
         set_recipe_defaults(parser, pre.recipe)

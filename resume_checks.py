@@ -11,13 +11,19 @@ from utils import UserError
 SESSION_FLAGS = ("device", "workers", "cache", "amp", "channels_last", "compile", "max_epochs", "stop_after_epochs",
                  "evaluate_every", "visualize_every", "train_eval_frames", "keep", "allow_unusual_depth", "data_dir",
                  "ckpt_dir", "ckpt_name")
+# flags that name this invocation, not the run: never taken from a checkpoint, never compared with it
+NOT_KEPT = ("resume", "branch", "stop_after_epochs", "list_models")
+
+
+def changed_flags(args, saved):
+    """{flag: (the checkpoint's value, this invocation's)} for every flag, but NOT_KEPT, that differs."""
+    return {k: (saved[k], v) for k, v in vars(args).items() if k in saved and saved[k] != v and k not in NOT_KEPT}
 
 
 def check_resume_flags(args, saved, source):
     """A resumed run keeps its settings: UserError naming every flag given another value than the run was made with,
     except SESSION_FLAGS (machine, reporting, --data_dir: its frames are compared later), which are said in a line."""
-    changed = {k: (saved[k], v) for k, v in vars(args).items()
-               if k in saved and saved[k] != v and k not in ("resume", "branch", "stop_after_epochs", "list_models")}
+    changed = changed_flags(args, saved)
     refused = [f"--{k} ({a} -> {b})" for k, (a, b) in changed.items() if k not in SESSION_FLAGS]
     if refused:
         raise UserError(f"--resume {source}: a resumed run keeps the settings it was made with; it cannot change "
@@ -50,9 +56,8 @@ def check_branch(args, ckpt, done, source):
                                f"used --scheduler {saved.scheduler})"))
     if not args.ckpt_name:
         args.ckpt_name = f"{os.path.basename(os.path.dirname(os.path.abspath(source)))}_e{args.max_epochs}"
-    saved, own = ckpt["args"], ("resume", "branch", "stop_after_epochs", "list_models", "max_epochs", "decay_epochs")
-    changed = [f"--{k} {v} (the run's: {saved[k]})" for k, v in vars(args).items()
-               if k in saved and saved[k] != v and k not in SESSION_FLAGS + own]
+    changed = [f"--{k} {b} (the run's: {a})" for k, (a, b) in changed_flags(args, ckpt["args"]).items()
+               if k not in SESSION_FLAGS + ("max_epochs", "decay_epochs")]
     if changed:
         print(f"branch {source}: it trains on with {', '.join(changed)}; the optimizer's moments are the run's")
 
