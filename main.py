@@ -60,6 +60,7 @@ MODEL = "effnet_unet"          # python main.py --list-models
 ENCODER = None                 # timm encoder name; None: the model's own default
 PRETRAINED = True              # ImageNet encoder weights (effnet_unet's ship offline in a pip package)
 DROP_PATH = 0.0                # stochastic depth rate of the encoder's residual blocks (U-Net models; 0: off)
+INPUT_SCALE = 1.0              # U-Net models work on the frame resized by this (1.5: 216x384); depth back at 144x256
 HEAD = "clip"                  # unbounded output, clamped to [0, 20] at inference; or sigmoid, linear
 LOSS = "mse+0.15*ssim+0.05*edge"
 OPTIMIZER = "adamw"
@@ -130,6 +131,9 @@ def model_flags(a):
     a("--encoder-weights", "--encoder_weights", dest="encoder_weights", default=None, help="local encoder state dict")
     a("--drop_path", type=flag_range(float, 0, 1, below=True), default=DROP_PATH,
       help="stochastic depth rate in the encoder (U-Net models; a regulariser)")
+    a("--input_scale", type=flag_range(float, 0.25, 4), default=INPUT_SCALE,
+      help="U-Net models: encoder and decoder work on the input resized by this factor (1.5: 216x384 for 144x256 "
+           "frames); the depth is resized back to the input's size (costs about the factor squared in time)")
     a("--head", default=HEAD, choices=HEADS, help="output layer (model.py); the loss is clip-aware with clip only")
     a("--freeze", default=FREEZE, type=freeze_choice,
       help="encoder parts kept frozen: none, stem, stageK (the encoder up to and including stage K, as --summary "
@@ -435,7 +439,8 @@ def build_run(args, env, data, ckpt):
     else:
         net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
                           encoder_weights=args.encoder_weights, head=args.head,
-                          **({"drop_path": args.drop_path} if args.drop_path else {}))
+                          **({"drop_path": args.drop_path} if args.drop_path else {}),
+                          **({"input_scale": args.input_scale} if args.input_scale != 1.0 else {}))
     net = ready_to_train(net, args, env)
     ema_net = None
     if args.ema > 0 and ckpt is not None and ckpt.get("train_state_dict"):  # the average: checked like the raw weights

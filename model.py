@@ -1,7 +1,9 @@
 """Every model variant, `build_model(name, ...)`, and the pretrained-encoder plumbing.
 
 Every model takes RGB [B,3,H,W] in [0,1] (it normalises inside, with its encoder's own ImageNet
-mean/std) and returns depth [B,1,H,W] in metres at the input's size, for any H, W.
+mean/std) and returns depth [B,1,H,W] in metres at the input's size, for any H, W. The U-Net variants take
+input_scale (--input_scale): they work on the input resized by that factor (1.5: 216x384 for a 144x256 frame)
+and return the depth resized back to the input's size.
 
     baseline      ResNet-50, four ConvTranspose2d + ReLU, 1x1 conv
     resnet34      the ResNet-34 report: frozen stem, ConvT/1x1 decoder with BN, 224x224 input
@@ -48,13 +50,14 @@ LARGE_INPUT = 2.0  # inputs of more than this many times the training frame's pi
 # the model: normalise, encode, decode, bring to the input size, head
 
 class DepthModel(nn.Module):
-    def __init__(self, encoder, decoder, input_size=None, frozen=()):
+    def __init__(self, encoder, decoder, input_size=None, frozen=(), input_scale=1.0):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
         cfg = getattr(encoder, "pretrained_cfg", None) or {}  # the encoder's own normalisation
         self.register_buffer("mean", torch.tensor(cfg.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.get("std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
         self.input_size = tuple(input_size) if input_size else None  # None: the data's native size
+        self.input_scale = float(input_scale)  # the encoder and decoder see the input resized by this factor
         self.frozen = ()  # encoder submodules with no gradient and BN kept in eval mode ("": all of it)
         freeze(self, frozen)
         self.head, self.config = "clip", {}
@@ -68,12 +71,20 @@ class DepthModel(nn.Module):
 
     def forward(self, rgb):
         x = (rgb - self.mean) / self.std
+        if self.input_scale != 1.0:
+            x = F.interpolate(x, scale_factor=self.input_scale, mode="bilinear", align_corners=False)  # traceable
         out = self.decoder(self.encoder(x), x)
-        if out.shape[-2:] != rgb.shape[-2:]:
-            out = F.interpolate(out, size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        if out.shape[-2:] != rgb.shape[-2:]:  # back to the input's size (antialiased from an upscaled input)
+            out = F.interpolate(out, size=rgb.shape[-2:], mode="bilinear", align_corners=False,
+                                antialias=self.input_scale > 1.0)
         if self.head == "sigmoid":
             return MAX_DEPTH * torch.sigmoid(out)
         return out if self.training or self.head == "linear" else out.clamp(0.0, MAX_DEPTH)
+
+
+def scaled_hw(hw, scale):
+    """(h, w) times scale, rounded down (F.interpolate's scale_factor): the size the model works at (--input_scale)."""
+    return tuple(max(1, math.floor(side * scale)) for side in hw)
 
 
 def freeze(model, names):
@@ -417,25 +428,28 @@ def build_resnet34(pretrained, encoder="resnet34"):
                       input_size=(224, 224), frozen=("conv1", "bn1"))
 
 
-def build_unet(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="plain", drop_path=0.0):
+def build_unet(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="plain", drop_path=0.0,
+               input_scale=1.0):
+    if not 0.25 <= input_scale <= 4.0:
+        raise UserError(f"input_scale must be between 0.25 and 4, got {input_scale:g}")
     enc = make_encoder(encoder, pretrained, drop_path)
     decoder = UNetDecoder(enc.feature_info.channels(), enc.feature_info.reduction()[0], decoder_channels, block)
-    return DepthModel(enc, decoder)
+    return DepthModel(enc, decoder, input_scale=input_scale)
 
 
 def build_convnext_unet(pretrained, encoder="convnext_tiny", decoder_channels=(256, 128, 64, 32, 16), block="res",
-                        drop_path=0.0):
+                        drop_path=0.0, input_scale=1.0):
     if not str(encoder).startswith("convnext"):
         raise UserError("model convnext_unet needs a timm ConvNeXt encoder (convnext_tiny, convnext_base, ...), "
                         f"got {encoder}")
-    return build_unet(pretrained, encoder, decoder_channels, block, drop_path)
+    return build_unet(pretrained, encoder, decoder_channels, block, drop_path, input_scale)
 
 
 def build_effnet_unet(pretrained, encoder="tf_efficientnet_lite0", decoder_channels=(96, 64, 32, 24, 16), block="res",
-                      drop_path=0.0):
+                      drop_path=0.0, input_scale=1.0):
     if encoder not in EFFNET_LITE:
         raise UserError(f"model effnet_unet takes encoder {', '.join(EFFNET_LITE)}, got {encoder}")
-    return build_unet(pretrained, encoder, decoder_channels, block, drop_path)
+    return build_unet(pretrained, encoder, decoder_channels, block, drop_path, input_scale)
 
 
 MODELS = {
@@ -602,6 +616,9 @@ def summary_text(net, hw=None):
     """--summary: model_summary as a table."""
     rows, hw, flops = model_summary(net, hw)
     size = "its fixed input size: frames are resized to it" if net.input_size else "any size works"
+    scale = getattr(net, "input_scale", 1.0)
+    if scale != 1.0:
+        size += "; it works at {}x{} (input_scale {:g})".format(*scaled_hw(hw, scale), scale)
     lines = [f"model {net.config.get('name')} (encoder {net.config.get('encoder')}), input 3x{hw[0]}x{hw[1]} ({size})",
              f"{'part':<8} {'layer':<44} {'output C x H x W':>18} {'params':>12}"]
     for r in rows:

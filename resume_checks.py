@@ -38,8 +38,9 @@ def check_branch(args, ckpt, done, source):
     checkpoint, where the source run was still constant, so it equals a run of that length trained from scratch.
     Its folder defaults to the source's name + _e<max_epochs>, beside the source folder. done: the checkpoint's
     finished epochs."""
-    fixed = [k for k in ("model", "encoder", "head", "drop_path", "folds", "fold", "guard", "train_splits",
-                         "batch_size", "seed") if getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
+    kept = ("model", "encoder", "head", "drop_path", "input_scale", "folds", "fold", "guard", "train_splits",
+            "batch_size", "seed")
+    fixed = [k for k in kept if getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if fixed:
         raise UserError(f"--branch {source}: a branch keeps the run's model, data and batches; it cannot "
                         f"change {', '.join('--' + k for k in fixed)}")
@@ -65,7 +66,8 @@ def check_branch(args, ckpt, done, source):
 def init_model_flags(ckpt):
     """The model flags a checkpoint's model answers to (--init takes them as defaults)."""
     held = ckpt["model"]
-    return {"model": held.get("name"), "encoder": held.get("encoder"), "head": held.get("head")}
+    return {"model": held.get("name"), "encoder": held.get("encoder"), "head": held.get("head"),
+            "input_scale": held.get("input_scale", 1.0)}
 
 
 def check_init_flags(args, init):

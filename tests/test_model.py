@@ -241,6 +241,30 @@ def test_compiled_falls_back_to_eager_when_compiling_fails():
     assert torch.equal(model_lib.compile_or_eager(net, backend=broken_backend)(x), net(x))
 
 
+def test_input_scale_is_the_plain_model_on_the_resized_frame():
+    """input_scale 2: the same weights at scale 1 on the frame upsampled 2x (bilinear), the depth brought back with an
+    antialiased bilinear resize (normalising commutes with the resize); 1.5 works at 216x384, rebuilds from config."""
+    torch.manual_seed(0)
+    net = model_lib.build_model("effnet_unet", head="linear", input_scale=2.0).eval()
+    plain = model_lib.build_model("effnet_unet", head="linear").eval()
+    plain.load_state_dict(net.state_dict())
+    rgb = torch.rand(2, 3, 48, 80)
+    with torch.no_grad():
+        up = torch.nn.functional.interpolate(rgb, size=(96, 160), mode="bilinear", align_corners=False)
+        want = torch.nn.functional.interpolate(plain(up), size=(48, 80), mode="bilinear", align_corners=False,
+                                               antialias=True)
+        assert torch.allclose(net(rgb), want, atol=1e-4) and not torch.allclose(plain(rgb), want, atol=1e-2)
+    net = model_lib.build_model("effnet_unet", input_scale=1.5)
+    seen = []
+    net.encoder.register_forward_hook(lambda _m, inputs, _out: seen.append(tuple(inputs[0].shape[-2:])))
+    assert net(torch.rand(1, 3, 144, 256)).shape == (1, 1, 144, 256) and seen == [(216, 384)]
+    assert net(torch.rand(1, 3, 97, 131)).shape == (1, 1, 97, 131) and seen[-1] == (145, 196)  # 145.5, 196.5: floor
+    assert model_lib.build_model(**net.config).input_scale == 1.5 and net.config["input_scale"] == 1.5
+    assert "it works at 216x384 (input_scale 1.5)" in model_lib.summary_text(net)
+    with pytest.raises(UserError, match="input_scale must be between 0.25 and 4"):
+        model_lib.build_model("effnet_unet", input_scale=8)
+
+
 def test_drop_path_is_stochastic_in_training_and_identity_at_inference():
     """--drop_path: timm's stochastic depth inside the encoder, recorded in the config so the checkpoint rebuilds it;
     at inference the model is the same function as without it (same weights)."""
