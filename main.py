@@ -60,6 +60,7 @@ MODEL = "effnet_unet"          # python main.py --list-models
 ENCODER = None                 # timm encoder name; None: the model's own default
 PRETRAINED = True              # ImageNet encoder weights (effnet_unet's ship offline in a pip package)
 DROP_PATH = 0.0                # stochastic depth rate of the encoder's residual blocks (U-Net models; 0: off)
+DECODER_CHANNELS = None        # U-Net decoder widths, deep to shallow (None: the model's; effnet_unet 96,64,32,24,16)
 INPUT_SCALE = 1.0              # U-Net models work on the frame resized by this (1.5: 216x384); depth back at 144x256
 HEAD = "clip"                  # unbounded output, clamped to [0, 20] at inference; or sigmoid, linear
 LOSS = "mse+0.15*ssim+0.05*edge"
@@ -131,6 +132,8 @@ def model_flags(a):
     a("--encoder-weights", "--encoder_weights", dest="encoder_weights", default=None, help="local encoder state dict")
     a("--drop_path", type=flag_range(float, 0, 1, below=True), default=DROP_PATH,
       help="stochastic depth rate in the encoder (U-Net models; a regulariser)")
+    a("--decoder_channels", type=widths, default=DECODER_CHANNELS, metavar="C1,C2,...",
+      help="U-Net models: decoder widths, deep to shallow, one per stage (default: the model's; --summary shows them)")
     a("--input_scale", type=flag_range(float, 0.25, 4), default=INPUT_SCALE,
       help="U-Net models: encoder and decoder work on the input resized by this factor (1.5: 216x384 for 144x256 "
            "frames); the depth is resized back to the input's size (costs about the factor squared in time)")
@@ -219,6 +222,17 @@ def command_flags(a):
     a("--member", type=positive_int, default=None, metavar="K",
       help="with --export ENSEMBLE.pth OUT.pth: OUT is the ensemble's K-th member alone (1 = --export's CKPT when "
            "it was made), a one-model checkpoint for --init or for one forward pass instead of N")
+
+
+def widths(text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers joined by commas (e.g. 96,64,32,24,16), got "
+                                         f"{text!r}")
+    return values
 
 
 def freeze_choice(text):
@@ -440,7 +454,8 @@ def build_run(args, env, data, ckpt):
         net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
                           encoder_weights=args.encoder_weights, head=args.head,
                           **({"drop_path": args.drop_path} if args.drop_path else {}),
-                          **({"input_scale": args.input_scale} if args.input_scale != 1.0 else {}))
+                          **({"input_scale": args.input_scale} if args.input_scale != 1.0 else {}),
+                          **({"decoder_channels": args.decoder_channels} if args.decoder_channels else {}))
     net = ready_to_train(net, args, env)
     ema_net = None
     if args.ema > 0 and ckpt is not None and ckpt.get("train_state_dict"):  # the average: checked like the raw weights

@@ -38,8 +38,8 @@ def check_branch(args, ckpt, done, source):
     checkpoint, where the source run was still constant, so it equals a run of that length trained from scratch.
     Its folder defaults to the source's name + _e<max_epochs>, beside the source folder. done: the checkpoint's
     finished epochs."""
-    kept = ("model", "encoder", "head", "drop_path", "input_scale", "folds", "fold", "guard", "train_splits",
-            "batch_size", "seed")
+    kept = ("model", "encoder", "head", "drop_path", "input_scale", "decoder_channels", "folds", "fold", "guard",
+            "train_splits", "batch_size", "seed")
     fixed = [k for k in kept if getattr(args, k) != ckpt["args"].get(k, getattr(args, k))]
     if fixed:
         raise UserError(f"--branch {source}: a branch keeps the run's model, data and batches; it cannot "
@@ -67,12 +67,13 @@ def init_model_flags(ckpt):
     """The model flags a checkpoint's model answers to (--init takes them as defaults)."""
     held = ckpt["model"]
     return {"model": held.get("name"), "encoder": held.get("encoder"), "head": held.get("head"),
-            "input_scale": held.get("input_scale", 1.0)}
+            "input_scale": held.get("input_scale", 1.0), "decoder_channels": held.get("decoder_channels")}
 
 
 def check_init_flags(args, init):
     """--init: one line naming each model flag that asks for another model than the checkpoint holds."""
-    differ = [f"--{k} {getattr(args, k)} (it holds {held})" for k, held in init_model_flags(init).items()
+    text = lambda v: ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    differ = [f"--{k} {text(getattr(args, k))} (it holds {text(held)})" for k, held in init_model_flags(init).items()
               if getattr(args, k) is not None and getattr(args, k) != held]
     if differ:
         raise UserError(f"--init {args.init}: another model than the flags ask for: {'; '.join(differ)} "

@@ -354,16 +354,18 @@ def test_wsd_branch_is_the_dedicated_run_bit_for_bit(small_synthetic_root, tmp_p
 
 
 def test_input_scale_trains_the_scaled_model_and_its_checkpoint_rebuilds_it(small_synthetic_root, tmp_path, capsys):
-    """--input_scale 1.5: the run's model works at 1.5x the frame, its checkpoint rebuilds that model (the recorded val
-    RMSE is reproduced by the reloaded one, and not by the same weights at scale 1), and --init keeps the scale."""
+    """--input_scale 1.5 --decoder_channels: the run's model works at 1.5x the frame with those decoder widths, its
+    checkpoint rebuilds that model (the recorded val RMSE is reproduced by the reloaded one, and not by the same weights
+    at scale 1), and --init keeps both."""
     from evaluate import evaluate_batches
     from dataset import DepthDataset
     from utils import summarize
     argv = ["--data_dir", small_synthetic_root, "--ckpt_dir", str(tmp_path), "--max_epochs", "1", "--input_scale",
-            "1.5", "--channels_last", "off"] + LIGHT
+            "1.5", "--decoder_channels", "48,32,16,12,8", "--channels_last", "off"] + LIGHT
     assert main_mod.main(argv + ["--ckpt_name", "scaled"]) == 0
     ckpt = torch.load(tmp_path / "scaled" / "last.pth", weights_only=True)
     assert ckpt["model"]["input_scale"] == 1.5 and ckpt["args"]["input_scale"] == 1.5
+    assert ckpt["model"]["decoder_channels"] == [48, 32, 16, 12, 8] == ckpt["args"]["decoder_channels"]
     net = model_from_checkpoint(ckpt["model"], ckpt["state_dict"], "last.pth").eval()
     val = DepthDataset(small_synthetic_root, split="val")
     batches = [(torch.stack([val[i][0] for i in range(len(val))]), torch.stack([val[i][1] for i in range(len(val))]))]
@@ -375,7 +377,11 @@ def test_input_scale_trains_the_scaled_model_and_its_checkpoint_rebuilds_it(smal
     init = ["--init", str(tmp_path / "scaled" / "last.pth"), "--data_dir", small_synthetic_root, "--ckpt_dir",
             str(tmp_path), "--ckpt_name", "tuned", "--max_epochs", "1", "--channels_last", "off"] + LIGHT
     assert main_mod.main(init) == 0
-    assert torch.load(tmp_path / "tuned" / "last.pth", weights_only=True)["model"]["input_scale"] == 1.5
+    tuned = torch.load(tmp_path / "tuned" / "last.pth", weights_only=True)["model"]
+    assert tuned["input_scale"] == 1.5 and tuned["decoder_channels"] == [48, 32, 16, 12, 8]
+    capsys.readouterr()
+    assert main_mod.main(init + ["--decoder_channels", "96,64,32,24,16"]) == 2
+    assert "--decoder_channels 96,64,32,24,16 (it holds 48,32,16,12,8)" in capsys.readouterr().err
 
 
 def test_branch_refusals_are_one_line(small_synthetic_root, tmp_path, capsys):
@@ -389,8 +395,8 @@ def test_branch_refusals_are_one_line(small_synthetic_root, tmp_path, capsys):
                         (["--branch", epoch1, "--max_epochs", "4", "--decay_epochs", "1"], "its own run decayed from "
                                                                                           "epoch 0.5"),
                         (["--branch", epoch1, "--max_epochs", "4", "--model", "unet"], "cannot change --model"),
-                        (["--branch", epoch1, "--max_epochs", "4", "--input_scale", "1.5"],
-                         "cannot change --input_scale"),
+                        (["--branch", epoch1, "--max_epochs", "4", "--input_scale", "1.5", "--decoder_channels",
+                          "8,8,8,8,8"], "cannot change --input_scale, --decoder_channels"),
                         (["--branch", epoch1, "--resume", last], "pick one")]:
         assert main_mod.main(argv) == 2
         err = capsys.readouterr().err.strip()
