@@ -42,7 +42,7 @@ from export import export_graph, load_graph
 from losses import build_loss
 from model import predict_depth
 from schedules import make_scheduler
-from utils import (UserError, atomic_write, cpu_model_name, non_negative_int, pick_device, positive_int,
+from utils import (UserError, atomic_write, cpu_model_name, non_negative_int, pick_device, positive_int, positive_ints,
                    precision_and_layout, seed_everything, with_cli_conventions)
 
 
@@ -73,7 +73,7 @@ def get_parser():
     a("--deploy", default=None, metavar="CKPT",
       help="instead: per-frame CPU latency of CKPT as PyTorch eager, TorchScript and ONNX Runtime (graphs made by "
       "main.py --export into a temporary folder) on 144x256 frames, at each --deploy_batches")
-    a("--deploy_batches", default="1,16", help="with --deploy: batch sizes, joined by ','")
+    a("--deploy_batches", type=positive_ints, default="1,16", help="with --deploy: batch sizes, joined by ','")
     a("--deploy_tta", default=None, choices=["none", "flip"], help="with --deploy: default: the checkpoint's own")
     return p
 
@@ -272,16 +272,6 @@ def dtype_name(dtype):
 # ------------------------------------------------------------------------------------------------
 # --deploy: latency of a checkpoint as eager PyTorch and as its exported graphs
 
-def parse_batches(text):
-    try:
-        batches = [int(b) for b in text.split(",")]
-    except ValueError:
-        batches = []
-    if not batches or min(batches) < 1:
-        raise UserError(f"--deploy_batches: positive integers joined by ',', got {text!r}")
-    return batches
-
-
 def deploy_latency(args):
     """{batch: {path: per-frame ms (median of --repeats runs of --steps calls, min-max)}} of one checkpoint on the
     CPU: eager predict_depth in fp32 (the graphs' numerics), eager with evaluate.py's fast path (autocast and
@@ -291,7 +281,7 @@ def deploy_latency(args):
     import types
     import evaluate
     device = torch.device("cpu")
-    batches = parse_batches(args.deploy_batches)
+    batches = args.deploy_batches
     load_args = types.SimpleNamespace(ckpt=args.deploy, model=None, encoder=None, head="clip", tta=args.deploy_tta)
     net, config = evaluate.load_model(load_args, device)
     tta, hw = load_args.tta == "flip", model_lib.TRAIN_HW

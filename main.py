@@ -50,8 +50,8 @@ from rundir import claim_run_dir, kept_checkpoint_note, prune_epoch_files, write
 from runstate import epochs_done, repair_run_dir, restore_training_state, save_checkpoints
 from schedules import WSD, decay_from, follow_clock, make_scheduler, on_clock
 from utils import (UserError, atomic_write, autocast, flag_range, non_negative_float, non_negative_int, pick_device,
-                   plot_curves, positive_float, positive_int, precision_and_layout, seed_everything, summarize, unlock,
-                   visualize_img, with_cli_conventions)
+                   plot_curves, positive_float, positive_int, positive_ints, precision_and_layout, seed_everything,
+                   summarize, unlock, visualize_img, with_cli_conventions)
 
 # ------------------------------------------------------------------------------------------------
 # hyperparameters (defaults of the flags below)
@@ -132,7 +132,7 @@ def model_flags(a):
     a("--encoder-weights", "--encoder_weights", dest="encoder_weights", default=None, help="local encoder state dict")
     a("--drop_path", type=flag_range(float, 0, 1, below=True), default=DROP_PATH,
       help="stochastic depth rate in the encoder (U-Net models; a regulariser)")
-    a("--decoder_channels", type=widths, default=DECODER_CHANNELS, metavar="C1,C2,...",
+    a("--decoder_channels", type=positive_ints, default=DECODER_CHANNELS, metavar="C1,C2,...",
       help="U-Net models: decoder widths, deep to shallow, one per stage (default: the model's; --summary shows them)")
     a("--input_scale", type=flag_range(float, 0.25, 4), default=INPUT_SCALE,
       help="U-Net models: encoder and decoder work on the input resized by this factor (1.5: 216x384 for 144x256 "
@@ -222,17 +222,6 @@ def command_flags(a):
     a("--member", type=positive_int, default=None, metavar="K",
       help="with --export ENSEMBLE.pth OUT.pth: OUT is the ensemble's K-th member alone (1 = --export's CKPT when "
            "it was made), a one-model checkpoint for --init or for one forward pass instead of N")
-
-
-def widths(text):
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive integers joined by commas (e.g. 96,64,32,24,16), got "
-                                         f"{text!r}")
-    return values
 
 
 def freeze_choice(text):

@@ -504,6 +504,17 @@ def flag_range(kind, low, high=None, above=False, below=False):
     return parse
 
 
+def positive_ints(text):
+    """An argparse `type=`: positive integers joined by commas ("96,64,32") -> [96, 64, 32]."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers joined by commas, got {text!r}")
+    return values
+
+
 positive_int = flag_range(int, 1)
 non_negative_int = flag_range(int, 0)
 positive_float = flag_range(float, 0, above=True)

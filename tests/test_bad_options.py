@@ -36,8 +36,10 @@ BAD_FLAGS = [  # (script, flags, the one line after "error: argument ")
     ("main", ["--weight_decay", "-0.1"], "--weight_decay: must be a number >= 0, got -0.1"),
     ("main", ["--folds", "x"], "--folds: must be an integer >= 0, got 'x'"),
     ("main", ["--input_scale", "5"], "--input_scale: must be a number in [0.25, 4], got 5"),
-    ("main", ["--decoder_channels", "64,0"], "--decoder_channels: must be positive integers joined by commas "
-                                             "(e.g. 96,64,32,24,16), got '64,0'"),
+    ("main", ["--decoder_channels", "64,0"], "--decoder_channels: must be positive integers joined by commas, got "
+                                             "'64,0'"),
+    ("benchmark", ["--deploy_batches", "1,x"], "--deploy_batches: must be positive integers joined by commas, got "
+                                               "'1,x'"),
     ("evaluate", ["--batch_size", "0", "--protocol", "course"], "--batch_size: must be an integer >= 1, got 0"),
     ("benchmark", ["--steps", "0"], "--steps: must be an integer >= 1, got 0"),
     ("benchmark", ["--template_workers", "-2"], "--template_workers: must be an integer >= 0, got -2"),
