@@ -187,7 +187,7 @@ def versus_table(branches, base_branches, name, base_name):
 
 def plot_length_curve(branches, constant, path):
     """Held-out RMSE and SSIM against length: decayed branches (mean ± std over folds) and the constant runs."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, key, col in ((axes[0], "rmse", 1), (axes[1], "ssim", 2)):
         for k, rows in sorted(constant.items()):
             ax.plot([r[0] for r in rows], [r[col] for r in rows], ":", marker=".", label=f"fold {k}, constant LR")
@@ -199,8 +199,8 @@ def plot_length_curve(branches, constant, path):
         ax.set_xlabel("training length (epochs)")
         ax.set_ylabel(f"held-out {key.upper()}" + (" (m)" if key == "rmse" else ""))
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)  # clear of the curves
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
