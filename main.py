@@ -441,10 +441,7 @@ def build_run(args, env, data, ckpt):
         net = model_from_checkpoint(ckpt["model"], ckpt.get("train_state_dict") or ckpt["state_dict"], source)
     else:
         net = build_model(args.model, pretrained=args.pretrained and not args.encoder_weights, encoder=args.encoder,
-                          encoder_weights=args.encoder_weights, head=args.head,
-                          **({"drop_path": args.drop_path} if args.drop_path else {}),
-                          **({"input_scale": args.input_scale} if args.input_scale != 1.0 else {}),
-                          **({"decoder_channels": args.decoder_channels} if args.decoder_channels else {}))
+                          encoder_weights=args.encoder_weights, head=args.head, **model_options(args))
     net = ready_to_train(net, args, env)
     ema_net = None
     if args.ema > 0 and ckpt is not None and ckpt.get("train_state_dict"):  # the average: checked like the raw weights
@@ -489,6 +486,13 @@ def build_run(args, env, data, ckpt):
         parts.append(f"EMA {args.ema:g}")
     env.log(", ".join(parts) + f", run folder {run.dir}")
     return run
+
+
+def model_options(args):
+    """The U-Net models' options the flags set away from their defaults (other models take none of them)."""
+    options = {"drop_path": args.drop_path, "input_scale": args.input_scale, "decoder_channels": args.decoder_channels}
+    defaults = {"drop_path": 0.0, "input_scale": 1.0, "decoder_channels": None}
+    return {k: v for k, v in options.items() if v != defaults[k]}
 
 
 def model_from_init(args, env, data, ckpt):
@@ -713,7 +717,7 @@ def model_summary(args):
         if not m or min(int(m[1]), int(m[2])) < 32:
             raise UserError(f"--summary {args.summary}: give the input size as HxW, both at least 32 (e.g. 144x256)")
         hw = int(m[1]), int(m[2])
-    net = build_model(args.model, encoder=args.encoder, head=args.head)
+    net = build_model(args.model, encoder=args.encoder, head=args.head, **model_options(args))
     freeze_encoder(net, args.freeze)
     return summary_text(net, hw)
 

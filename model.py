@@ -618,7 +618,7 @@ def summary_text(net, hw=None):
     size = "its fixed input size: frames are resized to it" if net.input_size else "any size works"
     scale = getattr(net, "input_scale", 1.0)
     if scale != 1.0:
-        size += "; it works at {}x{} (input_scale {:g})".format(*scaled_hw(hw, scale), scale)
+        size += "; encoder and decoder at {}x{}, input_scale {:g}".format(*scaled_hw(hw, scale), scale)
     lines = [f"model {net.config.get('name')} (encoder {net.config.get('encoder')}), input 3x{hw[0]}x{hw[1]} ({size})",
              f"{'part':<8} {'layer':<44} {'output C x H x W':>18} {'params':>12}"]
     for r in rows:

@@ -260,7 +260,7 @@ def test_input_scale_is_the_plain_model_on_the_resized_frame():
     assert net(torch.rand(1, 3, 144, 256)).shape == (1, 1, 144, 256) and seen == [(216, 384)]
     assert net(torch.rand(1, 3, 97, 131)).shape == (1, 1, 97, 131) and seen[-1] == (145, 196)  # 145.5, 196.5: floor
     assert model_lib.build_model(**net.config).input_scale == 1.5 and net.config["input_scale"] == 1.5
-    assert "it works at 216x384 (input_scale 1.5)" in model_lib.summary_text(net)
+    assert "encoder and decoder at 216x384, input_scale 1.5" in model_lib.summary_text(net)
     with pytest.raises(UserError, match="input_scale must be between 0.25 and 4"):
         model_lib.build_model("effnet_unet", input_scale=8)
 

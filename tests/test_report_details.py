@@ -58,6 +58,12 @@ def test_summary_reproduces_table_one_of_the_resnet34_report(capsys):
     assert main_mod.main(["--summary", "64x96", "--model", "unet_res", "--encoder", "resnet18"]) == 0
     out = capsys.readouterr().out  # the command line: the size asked for, stage by stage down to 1/32
     assert "input 3x64x96" in out and "512 x 2 x 3" in out and "1 x 64 x 96" in out and "GFLOPs per image" in out
+    # the model flags shape it: decoder widths per stage, the scale the encoder works at
+    assert main_mod.main(["--summary", "64x96", "--model", "unet_res", "--encoder", "resnet18", "--input_scale", "2",
+                          "--decoder_channels", "40,30,20,10,5"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder and decoder at 128x192, input_scale 2" in out and "512 x 4 x 6" in out and "40 x 8 x 12" in out
+    assert "5 x 128 x 192" in out and "1 x 64 x 96" in out
 
 
 # per family: the encoder's parameter-name prefixes through each stage (timm features_only names)
