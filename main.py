@@ -136,7 +136,7 @@ def model_flags(a):
       help="U-Net models: decoder widths, deep to shallow, one per stage (default: the model's; --summary shows them)")
     a("--input_scale", type=flag_range(float, 0.25, 4), default=INPUT_SCALE,
       help="U-Net models: encoder and decoder work on the input resized by this factor (1.5: 216x384 for 144x256 "
-           "frames); the depth is resized back to the input's size (costs about the factor squared in time)")
+           "frames); the depth is resized back to the input's size (about the factor squared in FLOPs)")
     a("--head", default=HEAD, choices=HEADS, help="output layer (model.py); the loss is clip-aware with clip only")
     a("--freeze", default=FREEZE, type=freeze_choice,
       help="encoder parts kept frozen: none, stem, stageK (the encoder up to and including stage K, as --summary "
