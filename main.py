@@ -41,7 +41,7 @@ from dataset import batches_of, epoch_order, fits_in_ram, seed_epoch
 from evaluate import evaluate_batches, frame_batches
 from export import export_model
 from losses import build_loss
-from model import (ENSEMBLE, HEADS, build_model, compile_or_eager, depthwise_fp32_in_training, fit_input,
+from model import (ENSEMBLE, HEADS, INPUT_SCALES, build_model, compile_or_eager, depthwise_fp32_in_training, fit_input,
                    freeze_encoder, list_models, param_groups, predict_depth, summary_text)
 from recipes import RECIPES, recipe_note, set_recipe_defaults
 from resume_checks import (NOT_KEPT, check_branch, check_init_flags, check_resume_flags, check_resumed_data,
@@ -134,7 +134,7 @@ def model_flags(a):
       help="stochastic depth rate in the encoder (U-Net models; a regulariser)")
     a("--decoder_channels", type=positive_ints, default=DECODER_CHANNELS, metavar="C1,C2,...",
       help="U-Net models: decoder widths, deep to shallow, one per stage (default: the model's; --summary shows them)")
-    a("--input_scale", type=flag_range(float, 0.25, 4), default=INPUT_SCALE,
+    a("--input_scale", type=flag_range(float, *INPUT_SCALES), default=INPUT_SCALE,
       help="U-Net models: encoder and decoder work on the input resized by this factor (1.5: 216x384 for 144x256 "
            "frames); the depth is resized back to the input's size (about the factor squared in FLOPs)")
     a("--head", default=HEAD, choices=HEADS, help="output layer (model.py); the loss is clip-aware with clip only")

@@ -43,6 +43,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EFFNET_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 STEM_NAMES = ("conv_stem", "bn1", "conv1", "stem", "stem_0", "stem_1")  # encoder stems (timm names), for freezing
 TRAIN_HW = (144, 256)  # DepthEstimationUnreal's frames: the training size of checkpoints that do not record theirs
+INPUT_SCALES = (0.25, 4.0)  # the input_scale a U-Net model accepts (--input_scale's range)
 LARGE_INPUT = 2.0  # inputs of more than this many times the training frame's pixels are predicted at about its size
 
 
@@ -430,8 +431,8 @@ def build_resnet34(pretrained, encoder="resnet34"):
 
 def build_unet(pretrained, encoder="resnet50", decoder_channels=(256, 128, 64, 32, 16), block="plain", drop_path=0.0,
                input_scale=1.0):
-    if not 0.25 <= input_scale <= 4.0:
-        raise UserError(f"input_scale must be between 0.25 and 4, got {input_scale:g}")
+    if not INPUT_SCALES[0] <= input_scale <= INPUT_SCALES[1]:
+        raise UserError(f"input_scale must be between {INPUT_SCALES[0]:g} and {INPUT_SCALES[1]:g}, got {input_scale:g}")
     enc = make_encoder(encoder, pretrained, drop_path)
     decoder = UNetDecoder(enc.feature_info.channels(), enc.feature_info.reduction()[0], decoder_channels, block)
     return DepthModel(enc, decoder, input_scale=input_scale)
